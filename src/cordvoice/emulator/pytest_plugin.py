@@ -1,0 +1,1 @@
+"""pytest plugin entry point (``pytest11``); the ``discord_emulator`` fixture lands with the emulator."""
