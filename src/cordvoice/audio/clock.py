@@ -1,0 +1,234 @@
+"""One 20 ms scheduler for every voice stream in the process.
+
+A thread or a free-running timer per stream collapses at a few hundred streams and bursts when
+the machine hiccups. Instead, each event loop gets a single :class:`Clock`. Streams subscribe and
+are spread over ``slots`` phases inside the 20 ms period, so ticks never pile up on one instant, and
+the clock keeps exactly one loop timer armed: the next slot deadline that has subscribers.
+Deadlines are absolute (``t0 + slot offset + k * period``) so they never drift, and a stall is
+caught up by at most ``max_catchup`` extra ticks before the schedule is re-anchored: playback
+resumes at normal speed instead of racing through the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cordvoice.errors import InvalidArgumentError
+from cordvoice.metrics import Histogram
+
+logger = logging.getLogger(__name__)
+
+FRAME_INTERVAL = 0.020
+"""Seconds per Opus frame: Discord voice is 20 ms frames of 48 kHz audio."""
+
+TickCallback = Callable[[float], None]
+"""Called once per period with the absolute deadline (loop time) the tick serves. Must not block."""
+
+
+@dataclass(eq=False)
+class ClockSubscription:
+    """A stream's place on the clock; ``cancel()`` it when the stream ends."""
+
+    callback: TickCallback
+    slot: int
+    on_error: Callable[[BaseException], None] | None = None
+    lateness: Histogram = field(default_factory=Histogram)
+    ticks: int = 0
+    catchup_ticks: int = 0
+    skipped_ticks: int = 0
+    _clock: Clock | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self._clock is not None
+
+    def cancel(self) -> None:
+        clock, self._clock = self._clock, None
+        if clock is not None:
+            clock._remove(self)
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    deadline: float = 0.0
+    members: tuple[ClockSubscription, ...] = ()
+    scheduled: bool = False
+
+
+class Clock:
+    """The process-wide (per event loop) pacing clock; get it with :func:`get_clock`."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        interval: float = FRAME_INTERVAL,
+        slots: int = 20,
+        max_catchup: int = 2,
+    ) -> None:
+        if interval <= 0:
+            raise InvalidArgumentError(f"clock interval must be positive, got {interval}")
+        if slots < 1:
+            raise InvalidArgumentError(f"clock needs at least one slot, got {slots}")
+        if max_catchup < 0:
+            raise InvalidArgumentError(f"max_catchup cannot be negative, got {max_catchup}")
+        self._loop = loop
+        self.interval = interval
+        self.max_catchup = max_catchup
+        self._slot_offset = interval / slots
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._next_slot = 0
+        self._heap: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._t0 = loop.time()
+        self.lateness = Histogram()
+        """Lateness of every slot wake-up, in ms: the clock's own health, across all streams."""
+        self.stalls = 0
+        """Wake-ups that found a slot more than one period behind (the loop was blocked)."""
+        self.callback_errors = 0
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(slot.members) for slot in self._slots)
+
+    def time(self) -> float:
+        """The shared clock's notion of now: the event loop's monotonic time."""
+        return self._loop.time()
+
+    def subscribe(
+        self,
+        callback: TickCallback,
+        *,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> ClockSubscription:
+        """Call ``callback(deadline)`` every period, starting at the next free phase.
+
+        If the callback raises, the subscription is cancelled, the error is logged and counted, and
+        ``on_error`` (when given) is told, so the owning stream can end with that reason.
+        """
+        slot = self._pick_slot()
+        sub = ClockSubscription(callback=callback, slot=slot.index, on_error=on_error, _clock=self)
+        slot.members = (*slot.members, sub)
+        if not slot.scheduled:
+            slot.deadline = self._first_deadline(slot.index)
+            self._push(slot)
+        return sub
+
+    def close(self) -> None:
+        """Stop the timer and drop every subscription (used when the loop shuts down)."""
+        for slot in self._slots:
+            for sub in slot.members:
+                sub._clock = None
+            slot.members = ()
+            slot.scheduled = False
+        self._heap.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _pick_slot(self) -> _Slot:
+        # Least-populated slot, scanning from a rotating start so equal slots fill round-robin.
+        n = len(self._slots)
+        best = self._slots[self._next_slot]
+        for i in range(n):
+            candidate = self._slots[(self._next_slot + i) % n]
+            if len(candidate.members) < len(best.members):
+                best = candidate
+        self._next_slot = (best.index + 1) % n
+        return best
+
+    def _first_deadline(self, index: int) -> float:
+        now = self._loop.time()
+        phase = self._t0 + index * self._slot_offset
+        periods = max(0, int((now - phase) // self.interval) + 1)
+        return phase + periods * self.interval
+
+    def _push(self, slot: _Slot) -> None:
+        slot.scheduled = True
+        heapq.heappush(self._heap, (slot.deadline, slot.index))
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        when = self._heap[0][0]
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._wake)
+
+    def _remove(self, sub: ClockSubscription) -> None:
+        slot = self._slots[sub.slot]
+        slot.members = tuple(m for m in slot.members if m is not sub)
+        # An emptied slot keeps its heap entry; _wake drops it lazily.
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, index = heapq.heappop(heap)
+            slot = self._slots[index]
+            if not slot.members:
+                slot.scheduled = False
+                continue
+            behind = int((now - deadline) // self.interval)
+            ticks = 1 + min(behind, self.max_catchup)
+            if behind > 0:
+                self.stalls += 1
+            self.lateness.record((now - deadline) * 1000.0)
+            for k in range(ticks):
+                self._fire(slot, deadline + k * self.interval, now, catchup=k > 0)
+            skipped = behind - self.max_catchup if behind > self.max_catchup else 0
+            if skipped:
+                for sub in slot.members:
+                    sub.skipped_ticks += skipped
+            slot.deadline = deadline + (ticks + skipped) * self.interval
+            if slot.members:
+                heapq.heappush(heap, (slot.deadline, index))
+            else:
+                slot.scheduled = False
+        self._arm()
+
+    def _fire(self, slot: _Slot, deadline: float, now: float, *, catchup: bool) -> None:
+        late_ms = (now - deadline) * 1000.0
+        for sub in slot.members:
+            if sub._clock is None:
+                continue
+            sub.ticks += 1
+            if catchup:
+                sub.catchup_ticks += 1
+            sub.lateness.record(late_ms)
+            try:
+                sub.callback(deadline)
+            except Exception as exc:  # a broken stream must not stop every other stream
+                self.callback_errors += 1
+                logger.exception("clock subscriber failed; it is unsubscribed")
+                sub.cancel()
+                if sub.on_error is not None:
+                    try:
+                        sub.on_error(exc)
+                    except Exception:
+                        logger.exception("clock subscriber's error handler failed")
+
+
+_clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Clock] = weakref.WeakKeyDictionary()
+
+
+def get_clock(loop: asyncio.AbstractEventLoop | None = None) -> Clock:
+    """The one clock of ``loop`` (default: the running loop), created on first use."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    clock = _clocks.get(loop)
+    if clock is None:
+        clock = _clocks[loop] = Clock(loop)
+    return clock
