@@ -63,10 +63,36 @@ class EmulatorError(VoiceError):
     """The local Discord emulator was misused or could not start (ports, unknown ids)."""
 
 
+class DaveDecryptError(DaveError):
+    """A DAVE media frame could not be decrypted and holding it will not help: plain or garbage bytes.
+
+    ``reason`` is a short machine-readable word (``unencrypted``, ``failed``); ``retryable`` is False.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DaveKeyPendingError(DaveDecryptError):
+    """A well-formed DAVE frame whose key this member does not hold yet (a transition is under way).
+
+    Expected for a moment around every epoch change, because senders switch keys as soon as they apply the
+    commit. Hold the frame briefly and retry after the next epoch change; ``reason`` is ``not_ready``,
+    ``unknown_sender`` or ``no_key``.
+    """
+
+    retryable = True
+
+
 __all__ = [
     "AudioError",
     "ConnectionClosedError",
+    "DaveDecryptError",
     "DaveError",
+    "DaveKeyPendingError",
     "DaveRequiredError",
     "DecryptionError",
     "DisconnectedError",

@@ -1,0 +1,517 @@
+"""The client's DAVE state machine around ``davey.DaveSession`` (protocol.md §6.4), sans-IO.
+
+The voice gateway connection feeds it the DAVE opcodes as plain values and sends the actions it returns;
+the media path calls :meth:`DaveClient.encrypt` and :meth:`DaveClient.decrypt`. Every davey call is
+contained: davey raises ``ValueError`` for everything, and here a failure is counted, logged (never with
+key material) and answered the way protocol.md §6.4 asks, so no task ever dies of it.
+
+Decisions where the sources are silent:
+
+* A failed op 27 is counted and dropped, with no op 31. There is no transition id to report yet, and the
+  commit that needs the missing proposal will fail in op 29 and trigger the standard recovery with the
+  right id; recovering eagerly from an ``UnexpectedUser`` rejection would only loop.
+* An op 29 that reaches a session with no group of its own (``pending``: just recovered or reset) is
+  stale, sent before the server saw our op 31, and is ignored rather than answered with a second op 31.
+* davey switches the sending key as soon as a commit or Welcome is applied, not on op 22; peers that apply
+  the commit later cannot decrypt those frames for a moment. :meth:`DaveClient.decrypt` reports them as
+  :class:`~cordvoice.errors.DaveKeyPendingError` so the receive path can hold and retry them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import davey
+
+from cordvoice.dave.frames import OPUS_SILENCE, is_dave_frame
+from cordvoice.errors import DaveDecryptError, DaveKeyPendingError
+
+__all__ = [
+    "DOWNGRADE_PASSTHROUGH_S",
+    "UPGRADE_PASSTHROUGH_S",
+    "DaveAction",
+    "DaveClient",
+    "DaveStats",
+    "EpochChanged",
+    "SendCommitWelcome",
+    "SendInvalidCommitWelcome",
+    "SendKeyPackage",
+    "SendTransitionReady",
+]
+
+logger = logging.getLogger(__name__)
+
+UPGRADE_PASSTHROUGH_S = 10
+"""After a call moves from version 0 to DAVE, plain frames from peers are still accepted this long."""
+DOWNGRADE_PASSTHROUGH_S = 120
+"""A prepared downgrade to version 0 accepts plain frames (discord.py's window; discord.js uses 24 s)."""
+
+# davey's enums are unhashable and cannot be built from ints (dave-notes.md §1): pick them once.
+_AUDIO = davey.MediaType.audio
+_APPEND = davey.ProposalsOperationType.append
+_REVOKE = davey.ProposalsOperationType.revoke
+_ACTIVE = davey.SessionStatus.active
+_PENDING = davey.SessionStatus.pending
+_AWAITING_RESPONSE = davey.SessionStatus.awaiting_response
+
+
+# --------------------------------------------------------------------------------------------------
+# Actions for the voice gateway connection
+
+
+@dataclass(frozen=True, slots=True)
+class SendKeyPackage:
+    """Op 26: a fresh bare KeyPackage."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommitWelcome:
+    """Op 28: the commit, followed by the Welcome when the commit adds members."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendTransitionReady:
+    """Op 23 (JSON)."""
+
+    transition_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendInvalidCommitWelcome:
+    """Op 31 (JSON): always followed by a :class:`SendKeyPackage` in the same action list."""
+
+    transition_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class EpochChanged:
+    """Nothing to send: the group changed. ``epoch`` is None when the member has no usable group any
+    more (reset, recovery, downgrade); the Session turns this into its ``dave_epoch`` event."""
+
+    epoch: int | None
+    privacy_code: str | None
+
+
+DaveAction: TypeAlias = (
+    SendKeyPackage | SendCommitWelcome | SendTransitionReady | SendInvalidCommitWelcome | EpochChanged
+)
+
+
+@dataclass(slots=True)
+class DaveStats:
+    """Counters for the session's ``stats``; ``failures`` and ``decrypt_failures`` are keyed by reason."""
+
+    encrypted: int = 0
+    encrypt_withheld: int = 0
+    """Frames refused because DAVE is required and the group is not ready (the caller sends silence)."""
+    encrypt_failures: int = 0
+    decrypted: int = 0
+    decrypt_failures: Counter[str] = field(default_factory=Counter)
+    recoveries: int = 0
+    epoch_changes: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    """davey calls that raised, by call name, and inputs ignored, by reason."""
+    last_error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class DaveClient:
+    """One member's DAVE state for one voice connection.
+
+    Inputs are the ``on_*`` methods (one per opcode); each returns the actions to carry out, in order.
+    Nothing raises out of them except programming errors. Version 0 means passthrough everywhere.
+    """
+
+    def __init__(self, *, key_pair: davey.SigningKeyPair | None = None) -> None:
+        self._key_pair = key_pair
+        self._session: davey.DaveSession | None = None
+        self._protocol_version: int | None = None
+        self._user_id = 0
+        self._channel_id = 0
+        self._external_sender: bytes | None = None
+        self._recognized: set[int] = set()
+        self._pending_transitions: dict[int, int] = {}
+        self._ready = False
+        self._reported_epoch: int | None = None
+        self._plain_peers_possible = False
+        self._encrypt_failing = False
+        self.stats = DaveStats()
+
+    # ----------------------------------------------------------------------------------------------
+    # State
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The DAVE version in force: None before op 4, 0 for transport-only calls."""
+        return self._protocol_version
+
+    @property
+    def dave_required(self) -> bool:
+        return bool(self._protocol_version)
+
+    @property
+    def ready(self) -> bool:
+        """True when frames are end-to-end encrypted and decryptable (an established group)."""
+        return self._ready
+
+    @property
+    def epoch(self) -> int | None:
+        """The MLS epoch of the established group, or None without one."""
+        if not self._ready or self._session is None:
+            return None
+        return self._session.epoch
+
+    @property
+    def own_leaf_index(self) -> int | None:
+        if not self._ready or self._session is None:
+            return None
+        return self._session.own_leaf_index
+
+    @property
+    def privacy_code(self) -> str | None:
+        """The 30-digit voice privacy code of the current epoch, identical for every member."""
+        if not self._ready or self._session is None:
+            return None
+        return self._session.voice_privacy_code
+
+    @property
+    def member_ids(self) -> list[int]:
+        """User ids in the group, as ints (davey returns strings)."""
+        if not self._ready or self._session is None:
+            return []
+        try:
+            return sorted(int(user_id) for user_id in self._session.get_user_ids())
+        except ValueError as exc:
+            self._failed("get_user_ids", exc)
+            return []
+
+    @property
+    def recognized_users(self) -> frozenset[int]:
+        return frozenset(self._recognized)
+
+    @property
+    def pending_transitions(self) -> dict[int, int]:
+        return dict(self._pending_transitions)
+
+    def verification_code(self, user_id: int) -> str | None:
+        """The 45-digit pairwise verification code with ``user_id``, or None if it is not in the group."""
+        if not self._ready or self._session is None:
+            return None
+        try:
+            return self._session.get_verification_code(user_id)
+        except ValueError as exc:
+            self._failed("get_verification_code", exc)
+            return None
+
+    # ----------------------------------------------------------------------------------------------
+    # Inputs from the voice gateway
+
+    def on_session_description(
+        self, protocol_version: int, user_id: int, channel_id: int
+    ) -> list[DaveAction]:
+        """Op 4: create (or re-create) the MLS session and send a key package, or go passthrough."""
+        out: list[DaveAction] = []
+        self._user_id = user_id
+        self._channel_id = channel_id
+        self._pending_transitions.clear()
+        if protocol_version <= 0:
+            self._protocol_version = 0
+            self._plain_peers_possible = True
+            if self._session is not None:
+                self._call("reset", self._session.reset)
+                self._call("set_passthrough_mode", self._session.set_passthrough_mode, True)
+            self._update_ready(out)
+            return out
+        self._protocol_version = protocol_version
+        self._start_over(out)
+        return out
+
+    def on_external_sender(self, data: bytes) -> list[DaveAction]:
+        """Op 25: remember it (it may come before op 4) and create the pending local group."""
+        self._external_sender = bytes(data)
+        out: list[DaveAction] = []
+        session = self._session
+        if session is None or not self.dave_required:
+            return out
+        if session.status in (_ACTIVE, _AWAITING_RESPONSE):
+            self._ignored("external_sender_in_group")
+            return out
+        self._call("set_external_sender", session.set_external_sender, self._external_sender)
+        return out
+
+    def on_proposals(self, op_type: int, proposals: bytes) -> list[DaveAction]:
+        """Op 27: queue or revoke proposals and commit to everything queued (op 28)."""
+        out: list[DaveAction] = []
+        session = self._session
+        if session is None or not self.dave_required:
+            self._ignored("proposals_without_session")
+            return out
+        if op_type == 0:
+            operation = _APPEND
+        elif op_type == 1:
+            operation = _REVOKE
+        else:
+            self._ignored("proposals_bad_op_type")
+            return out
+        expected = sorted(self._recognized | {self._user_id})
+        try:
+            result = session.process_proposals(operation, proposals, expected)
+        except ValueError as exc:
+            self._failed("process_proposals", exc)
+            return out
+        if result is not None:
+            welcome = result.welcome or b""
+            out.append(SendCommitWelcome(result.commit + welcome))
+        return out
+
+    def on_announce_commit(self, transition_id: int, commit: bytes) -> list[DaveAction]:
+        """Op 29: apply the winning commit; op 23 on success, op 31 and a new key package on failure."""
+        out: list[DaveAction] = []
+        session = self._session
+        if session is None or not self.dave_required:
+            self._ignored("commit_without_session")
+            return out
+        if session.status == _PENDING:
+            # We have no group: this commit was sent before the server saw our op 31 (or reset).
+            self._ignored("commit_while_pending")
+            return out
+        try:
+            session.process_commit(commit)
+        except ValueError as exc:
+            self._failed("process_commit", exc)
+            self._recover(transition_id, out)
+            return out
+        self._joined_transition(transition_id, out)
+        return out
+
+    def on_welcome(self, transition_id: int, welcome: bytes) -> list[DaveAction]:
+        """Op 30: join the group; op 23 on success, op 31 and a new key package on failure."""
+        out: list[DaveAction] = []
+        session = self._session
+        if session is None or not self.dave_required:
+            self._ignored("welcome_without_session")
+            return out
+        try:
+            session.process_welcome(welcome)
+        except ValueError as exc:
+            self._failed("process_welcome", exc)
+            self._recover(transition_id, out)
+            return out
+        self._joined_transition(transition_id, out)
+        return out
+
+    def on_prepare_transition(self, transition_id: int, protocol_version: int) -> list[DaveAction]:
+        """Op 21: remember the transition; id 0 executes at once, others are acknowledged (op 23)."""
+        out: list[DaveAction] = []
+        self._pending_transitions[transition_id] = protocol_version
+        if transition_id == 0:
+            self._execute(transition_id, out)
+            return out
+        if protocol_version == 0 and self._session is not None:
+            # Downgrade: peers will soon send plain frames.
+            self._call(
+                "set_passthrough_mode",
+                self._session.set_passthrough_mode,
+                True,
+                DOWNGRADE_PASSTHROUGH_S,
+            )
+        out.append(SendTransitionReady(transition_id))
+        return out
+
+    def on_execute_transition(self, transition_id: int) -> list[DaveAction]:
+        """Op 22."""
+        out: list[DaveAction] = []
+        if transition_id not in self._pending_transitions:
+            self._ignored("execute_unknown_transition")
+            return out
+        self._execute(transition_id, out)
+        return out
+
+    def on_prepare_epoch(self, epoch: int, protocol_version: int) -> list[DaveAction]:
+        """Op 24: epoch 1 announces a new group (reset and send a new key package)."""
+        out: list[DaveAction] = []
+        if epoch != 1:
+            return out  # a version change of the existing group: nothing to do until op 21/22
+        if protocol_version <= 0:
+            self._ignored("prepare_epoch_version_0")
+            return out
+        if not self._protocol_version:
+            self._plain_peers_possible = True  # upgrade from a transport-only call
+        self._protocol_version = protocol_version
+        self._start_over(out)
+        return out
+
+    def on_clients_connect(self, user_ids: Iterable[int]) -> list[DaveAction]:
+        """Op 11: these users may be added to the group."""
+        self._recognized.update(int(user_id) for user_id in user_ids)
+        return []
+
+    def on_client_disconnect(self, user_id: int) -> list[DaveAction]:
+        """Op 13: stop accepting Adds for this user."""
+        self._recognized.discard(int(user_id))
+        return []
+
+    # ----------------------------------------------------------------------------------------------
+    # Media
+
+    def encrypt(self, opus: bytes) -> bytes | None:
+        """The frame to send for one Opus packet, or None when it must not be sent.
+
+        Silence always passes unencrypted. When DAVE is required and the group is not ready, other frames
+        return None: the caller sends silence instead, so no Opus leaves before the group exists.
+        """
+        if opus == OPUS_SILENCE or not self._protocol_version:
+            return opus
+        session = self._session
+        if not self._ready or session is None:
+            self.stats.encrypt_withheld += 1
+            return None
+        try:
+            frame = session.encrypt_opus(opus)
+        except ValueError as exc:
+            # Counted per frame; logged once per run of failures so a stuck encryptor cannot flood logs.
+            self.stats.encrypt_failures += 1
+            self.stats.last_error = f"encrypt_opus: {exc}"
+            if not self._encrypt_failing:
+                self._encrypt_failing = True
+                logger.warning("DAVE encrypt_opus failed: %s", exc)
+            return None
+        self._encrypt_failing = False
+        self.stats.encrypted += 1
+        return frame
+
+    def decrypt(self, user_id: int, frame: bytes) -> bytes:
+        """The Opus packet inside ``frame`` from ``user_id``.
+
+        Raises :class:`~cordvoice.errors.DaveKeyPendingError` (retryable: hold the frame and try again
+        after the next :class:`EpochChanged`) or :class:`~cordvoice.errors.DaveDecryptError` (drop it).
+        """
+        if frame == OPUS_SILENCE or not self._protocol_version:
+            return frame
+        session = self._session
+        if not self._ready or session is None:
+            if is_dave_frame(frame):
+                raise self._decrypt_failure("not_ready", retryable=True)
+            raise self._decrypt_failure("unencrypted", retryable=False)
+        try:
+            plain = session.decrypt(user_id, _AUDIO, frame)
+        except ValueError as exc:
+            message = str(exc)
+            if "NoDecryptorForUser" in message:
+                raise self._decrypt_failure("unknown_sender", retryable=True) from None
+            if "UnencryptedWhenPassthroughDisabled" in message:
+                raise self._decrypt_failure("unencrypted", retryable=False) from None
+            if "NoValidCryptorFound" in message and is_dave_frame(frame):
+                raise self._decrypt_failure("no_key", retryable=True) from None
+            raise self._decrypt_failure("failed", retryable=False) from None
+        self.stats.decrypted += 1
+        return plain
+
+    def _decrypt_failure(self, reason: str, *, retryable: bool) -> DaveDecryptError:
+        self.stats.decrypt_failures[reason] += 1
+        if retryable:
+            return DaveKeyPendingError(f"DAVE frame not decryptable yet ({reason})", reason=reason)
+        return DaveDecryptError(f"DAVE frame not decryptable ({reason})", reason=reason)
+
+    # ----------------------------------------------------------------------------------------------
+    # Internals
+
+    def _start_over(self, out: list[DaveAction]) -> None:
+        """A fresh local MLS state for the current version, then a new key package (op 26)."""
+        version = self._protocol_version or 0
+        session = self._session
+        if session is not None and not self._call(
+            "reinit", session.reinit, version, self._user_id, self._channel_id, self._key_pair
+        ):
+            session = None
+        if session is None:
+            try:
+                session = davey.DaveSession(version, self._user_id, self._channel_id, self._key_pair)
+            except ValueError as exc:
+                self._failed("DaveSession", exc)
+                self._session = None
+                self._update_ready(out)
+                return
+            self._session = session
+            if self._external_sender is not None:
+                self._call("set_external_sender", session.set_external_sender, self._external_sender)
+        self._update_ready(out)
+        try:
+            key_package = session.get_serialized_key_package()
+        except ValueError as exc:
+            self._failed("get_serialized_key_package", exc)
+            return
+        out.append(SendKeyPackage(key_package))
+
+    def _recover(self, transition_id: int, out: list[DaveAction]) -> None:
+        """protocol.md §6.4 recovery: op 31, reset, new key package; the server removes and re-adds us."""
+        self.stats.recoveries += 1
+        logger.info("DAVE recovery after transition %d: sending op 31 and a new key package", transition_id)
+        out.append(SendInvalidCommitWelcome(transition_id))
+        self._start_over(out)
+
+    def _joined_transition(self, transition_id: int, out: list[DaveAction]) -> None:
+        self._update_ready(out)
+        if self._plain_peers_possible and self._ready and self._session is not None:
+            # First group after a transport-only phase: keep accepting plain frames for a while.
+            self._plain_peers_possible = False
+            self._call("set_passthrough_mode", self._session.set_passthrough_mode, True)
+            self._call(
+                "set_passthrough_mode",
+                self._session.set_passthrough_mode,
+                False,
+                UPGRADE_PASSTHROUGH_S,
+            )
+        if transition_id != 0:
+            self._pending_transitions[transition_id] = self._protocol_version or 0
+            out.append(SendTransitionReady(transition_id))
+
+    def _execute(self, transition_id: int, out: list[DaveAction]) -> None:
+        version = self._pending_transitions.pop(transition_id, self._protocol_version or 0)
+        previous = self._protocol_version
+        self._protocol_version = version
+        if version == 0 and previous:
+            logger.debug("DAVE downgraded to transport-only encryption")
+            self._plain_peers_possible = True
+        self._update_ready(out)
+
+    def _update_ready(self, out: list[DaveAction]) -> None:
+        """Recompute readiness (davey's own ``ready`` stays True after ``reset()``) and report epochs."""
+        session = self._session
+        self._ready = bool(
+            self._protocol_version and session is not None and session.status == _ACTIVE and session.ready
+        )
+        epoch = session.epoch if self._ready and session is not None else None
+        if epoch != self._reported_epoch:
+            self._reported_epoch = epoch
+            self.stats.epoch_changes += 1
+            out.append(EpochChanged(epoch, self.privacy_code))
+
+    def _call(self, name: str, method: Callable[..., object], *args: object) -> bool:
+        """Run a davey call whose only failure mode is a ValueError; count it instead of raising."""
+        try:
+            method(*args)
+        except ValueError as exc:
+            self._failed(name, exc)
+            return False
+        return True
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        # davey's messages name the Rust error variant only; they carry no key material.
+        self.stats.failures[name] += 1
+        self.stats.last_error = f"{name}: {exc}"
+        logger.warning("DAVE %s failed: %s", name, exc)
+
+    def _ignored(self, reason: str) -> None:
+        self.stats.failures[reason] += 1
+        logger.debug("DAVE input ignored: %s", reason)

@@ -1,0 +1,213 @@
+"""DaveClient: containment, readiness, media classification and transitions, with real davey."""
+
+from __future__ import annotations
+
+import logging
+
+import davey
+import pytest
+
+from cordvoice.dave import (
+    OPUS_SILENCE,
+    DaveClient,
+    EpochChanged,
+    SendCommitWelcome,
+    SendInvalidCommitWelcome,
+    SendKeyPackage,
+    SendTransitionReady,
+    is_dave_frame,
+)
+from cordvoice.emulator import mls
+from cordvoice.errors import DaveDecryptError, DaveKeyPendingError
+
+from .dave_harness import CHANNEL_ID, Harness
+
+OPUS = b"\x78" + bytes(range(60))
+
+
+def _group(*user_ids: int, seed: int = 0) -> Harness:
+    h = Harness(seed, op23_drop_rate=0.0)
+    for uid in user_ids:
+        h.join(uid)
+    h.flush()
+    h.assert_converged()
+    return h
+
+
+def test_lifecycle_events_and_codes() -> None:
+    h = _group(1, 2)
+    a, b = h.members[1].client, h.members[2].client
+    assert isinstance(a, DaveClient)
+    assert a.ready and a.epoch == 1 and a.member_ids == [1, 2]
+    assert [e.epoch for e in h.members[1].epoch_events] == [1]
+    assert h.members[1].epoch_events[0].privacy_code == a.privacy_code
+    assert a.privacy_code is not None and len(a.privacy_code) == 30
+    code = a.verification_code(2)
+    assert code is not None and len(code) == 45 and code == b.verification_code(1)
+    assert a.verification_code(99) is None
+    assert a.stats.recoveries == 0 and a.stats.epoch_changes == 1
+    h.join(3)
+    h.flush()
+    h.assert_converged()
+    assert [e.epoch for e in h.members[1].epoch_events] == [1, 2]
+    assert a.pending_transitions == {}
+
+
+def test_no_opus_before_the_group_is_ready() -> None:
+    client = DaveClient()
+    assert client.encrypt(OPUS) == OPUS  # before op 4 nothing is known: transport only
+    actions = client.on_session_description(1, 5, CHANNEL_ID)
+    assert [type(x) for x in actions] == [SendKeyPackage]
+    assert client.dave_required and not client.ready
+    assert client.encrypt(OPUS) is None
+    assert client.encrypt(OPUS_SILENCE) == OPUS_SILENCE
+    assert client.stats.encrypt_withheld == 1
+    with pytest.raises(DaveDecryptError) as plain:
+        client.decrypt(6, OPUS)
+    assert not plain.value.retryable and plain.value.reason == "unencrypted"
+    assert client.decrypt(6, OPUS_SILENCE) == OPUS_SILENCE
+
+
+def test_version_zero_is_passthrough_everywhere() -> None:
+    client = DaveClient()
+    assert client.on_session_description(0, 5, CHANNEL_ID) == []
+    assert client.encrypt(OPUS) == OPUS
+    assert client.decrypt(6, OPUS) == OPUS
+    assert client.on_proposals(0, b"\x00") == []
+    assert client.stats.failures["proposals_without_session"] == 1
+
+
+def test_frames_before_their_key_are_retryable() -> None:
+    h = _group(1, 2)
+    h.join(3)
+    # Member 2 does not read its inbox: it misses the commit that adds 3 (epoch 2).
+    h.flush(hold={2})
+    a, b, c = (h.members[uid].client for uid in (1, 2, 3))
+    assert a.epoch == 2 and b.epoch == 1 and c.epoch == 2
+    frame_a = a.encrypt(OPUS)
+    frame_c = c.encrypt(OPUS)
+    assert frame_a is not None and frame_c is not None and is_dave_frame(frame_a)
+    with pytest.raises(DaveKeyPendingError) as no_key:
+        b.decrypt(1, frame_a)
+    assert no_key.value.retryable and no_key.value.reason == "no_key"
+    with pytest.raises(DaveKeyPendingError) as unknown:
+        b.decrypt(3, frame_c)
+    assert unknown.value.reason == "unknown_sender"
+    h.flush()
+    assert b.epoch == 2
+    assert b.decrypt(1, frame_a) == OPUS  # the held frame decrypts after the commit
+    assert b.decrypt(3, frame_c) == OPUS
+    assert b.stats.decrypt_failures == {"no_key": 1, "unknown_sender": 1}
+    # A frame from the previous epoch still decrypts for a while (davey keeps old keys).
+    h.assert_converged()
+
+
+def test_garbage_and_plain_frames_are_not_retryable() -> None:
+    h = _group(1, 2)
+    a = h.members[1].client
+    for junk in (OPUS, b"x" * 20 + b"\x0b\xfa\xfa"):
+        with pytest.raises(DaveDecryptError) as err:
+            a.decrypt(2, junk)
+        assert not isinstance(err.value, DaveKeyPendingError) and err.value.reason == "unencrypted"
+    frame = h.members[2].client.encrypt(OPUS)
+    assert a.decrypt(2, frame) == OPUS
+    with pytest.raises(DaveKeyPendingError):  # a replay looks like "no key" to davey
+        a.decrypt(2, frame)
+    tampered = bytearray(h.members[2].client.encrypt(OPUS))
+    tampered[0] ^= 1
+    with pytest.raises(DaveKeyPendingError):
+        a.decrypt(2, bytes(tampered))
+
+
+def test_every_davey_failure_is_contained(caplog: pytest.LogCaptureFixture) -> None:
+    h = _group(1, 2)
+    a = h.members[1].client
+    caplog.set_level(logging.WARNING, logger="cordvoice.dave.session")
+    assert a.on_proposals(0, b"\x05junk") == []
+    assert a.on_proposals(7, b"\x00") == []
+    assert a.on_external_sender(b"\x00") == []  # in a group: ignored, counted
+    assert a.stats.failures["process_proposals"] == 1
+    assert a.stats.failures["proposals_bad_op_type"] == 1
+    assert a.stats.failures["external_sender_in_group"] == 1
+    assert a.ready  # none of that touched the group
+    actions = a.on_announce_commit(9, b"\x00\x01\x00\x01garbage")
+    assert [type(x) for x in actions] == [SendInvalidCommitWelcome, EpochChanged, SendKeyPackage]
+    assert actions[0] == SendInvalidCommitWelcome(9) and actions[1] == EpochChanged(None, None)
+    assert not a.ready and a.stats.recoveries == 1
+    # The key package is fresh and valid for the DS.
+    key_package = actions[2]
+    assert isinstance(key_package, SendKeyPackage)
+    assert mls.parse_key_package(key_package.data).user_id == 1
+    # A stale op 29 reaching the recovered (pending) session is ignored, not a second op 31.
+    assert a.on_announce_commit(10, b"\x00") == []
+    assert a.stats.failures["commit_while_pending"] == 1
+    actions = a.on_welcome(11, b"\x00\x02garbage")
+    assert [type(x) for x in actions] == [SendInvalidCommitWelcome, SendKeyPackage]
+    assert a.stats.recoveries == 2
+    assert "process_commit" in caplog.text and "process_welcome" in caplog.text
+    assert a.stats.last_error is not None and "process_welcome" in a.stats.last_error
+
+
+def test_unrecognised_users_are_not_committed() -> None:
+    signer = mls.ExternalSenderKey()
+    client = DaveClient()
+    client.on_session_description(1, 1, CHANNEL_ID)
+    client.on_external_sender(signer.external_sender())
+    stranger = davey.DaveSession(1, 2, CHANNEL_ID)
+    stranger.set_external_sender(signer.external_sender())
+    add = mls.build_add_proposal(
+        signer, mls.group_id_for_channel(CHANNEL_ID), 0, stranger.get_serialized_key_package()
+    )
+    vector = mls.encode_append_proposals([add.message])
+    assert client.on_proposals(0, vector) == []
+    assert client.stats.failures["process_proposals"] == 1
+    assert "UnexpectedUser" in (client.stats.last_error or "")
+    client.on_clients_connect([2])
+    [commit] = client.on_proposals(0, vector)
+    assert isinstance(commit, SendCommitWelcome)
+    parsed = mls.parse_commit_welcome(commit.data)
+    assert parsed.welcome is not None and parsed.proposal_refs == (add.ref,)
+    client.on_client_disconnect(2)
+    assert client.recognized_users == frozenset()
+
+
+def test_downgrade_and_upgrade_windows() -> None:
+    h = _group(1, 2)
+    a = h.members[1].client
+    assert a.on_prepare_transition(40, 0) == [SendTransitionReady(40)]
+    assert a._session is not None and a._session.can_passthrough(2)
+    assert a.decrypt(2, OPUS) == OPUS  # peers may already send plain frames
+    actions = a.on_execute_transition(40)
+    assert actions == [EpochChanged(None, None)]
+    assert a.protocol_version == 0 and a.encrypt(OPUS) == OPUS
+    assert a.on_execute_transition(40) == [] and a.stats.failures["execute_unknown_transition"] == 1
+    # Upgrade back: op 24 epoch 1 starts a new group with a new key package.
+    actions = a.on_prepare_epoch(1, 1)
+    assert [type(x) for x in actions] == [SendKeyPackage]
+    assert a.dave_required and a.encrypt(OPUS) is None
+    assert a.on_prepare_epoch(5, 1) == []  # a later epoch: nothing to do
+
+
+def test_upgrade_from_transport_only_accepts_plain_frames_for_a_while() -> None:
+    h = Harness(3, op23_drop_rate=0.0)
+    for uid in (1, 2):
+        member = h.join(uid)
+        member.inbox.clear()  # replace the version-1 session description with version 0
+        member.inbox.append(("on_session_description", (0, uid, CHANNEL_ID)))
+        member.inbox.append(("on_prepare_epoch", (1, 1)))
+    h.ds.member_disconnected(1)
+    h.ds.member_disconnected(2)
+    for uid in (1, 2):
+        h._route(h.ds.member_connected(uid))
+    h.flush()
+    h.assert_converged()
+    a = h.members[1].client
+    assert a._session is not None and a._session.can_passthrough(2)
+    assert a.decrypt(2, OPUS) == OPUS  # a peer still sending plain Opus right after the upgrade
+
+
+def test_transition_zero_executes_at_once() -> None:
+    client = DaveClient()
+    client.on_session_description(1, 1, CHANNEL_ID)
+    assert client.on_prepare_transition(0, 1) == []
+    assert client.pending_transitions == {}
