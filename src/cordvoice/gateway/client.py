@@ -1,0 +1,786 @@
+"""A small standalone main-gateway client: enough Discord for a voice bot that uses no other library.
+
+``Client`` logs in with intents GUILDS | GUILD_VOICE_STATES, keeps the session alive (heartbeats with ACK
+tracking; a missed ACK means a zombie socket, closed and resumed), resumes after drops with the last
+sequence number, identifies again after an Invalid Session, reconnects with jittered exponential backoff, and
+keeps a small cache of voice channels and voice states. It implements
+:class:`~cordvoice.gateway.adapter.VoiceAdapter`.
+
+Layers: :class:`GatewayProtocol` is the sans-IO core (payloads in, decisions and payloads out, no sockets, no
+clock of its own); :class:`Client` is the asyncio shell (one reader, one heartbeat task per socket).
+
+Against the emulator: ``Client(bot.token, gateway_url=emu.gateway_url, api_base=emu.api_base,
+ssl=emu.client_ssl_context())``. Without ``gateway_url`` the client asks ``GET {api_base}/gateway/bot``
+(real Discord by default) with ``urllib`` in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import random
+import ssl as ssl_module
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from cordvoice.errors import GatewayError, InvalidArgumentError, ProtocolError
+from cordvoice.gateway.adapter import VoiceEventListener
+from cordvoice.gateway.events import (
+    VoiceChannelInfo,
+    VoiceStateUpdate,
+    parse_channel,
+    parse_guild_create,
+    parse_snowflake,
+    parse_voice_server_update,
+    parse_voice_state_update,
+)
+
+__all__ = [
+    "DEFAULT_INTENTS",
+    "DISCORD_API_BASE",
+    "Client",
+    "GatewayClientStats",
+    "GatewayProtocol",
+    "GuildInfo",
+    "Intents",
+]
+
+logger = logging.getLogger(__name__)
+
+DISCORD_API_BASE = "https://discord.com/api/v10"
+GATEWAY_VERSION = 10
+_ZLIB_SUFFIX = b"\x00\x00\xff\xff"
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def _user_agent() -> str:
+    from cordvoice import __version__  # noqa: PLC0415 - the package imports this module
+
+    return f"DiscordBot (https://pypi.org/project/cordvoice/, {__version__}) cordvoice"
+
+
+class Intents(enum.IntFlag):
+    """Gateway intents cordvoice's client uses."""
+
+    GUILDS = 1 << 0
+    GUILD_VOICE_STATES = 1 << 7
+
+
+DEFAULT_INTENTS = Intents.GUILDS | Intents.GUILD_VOICE_STATES
+
+# Close codes after which reconnecting cannot help, with what to tell the user.
+_FATAL_CLOSES = {
+    4004: "Discord rejected the bot token (close 4004): check the token",
+    4010: "Discord rejected the shard (close 4010)",
+    4011: "the bot needs sharding (close 4011), which the standalone client does not do",
+    4012: "Discord rejected the gateway API version (close 4012)",
+    4013: "Discord rejected the intents (close 4013)",
+    4014: "Discord refused a privileged intent (close 4014): enable it for the bot in the Developer Portal",
+}
+# Close codes after which the session cannot be resumed: identify again.
+_SESSION_ENDING_CLOSES = frozenset({4007, 4009})
+
+
+@dataclass
+class GatewayClientStats:
+    """What the client did and what it had to drop."""
+
+    connects: int = 0
+    identifies: int = 0
+    resumes: int = 0
+    reconnects: int = 0
+    invalid_sessions: int = 0
+    sessions_lost: int = 0
+    heartbeats_sent: int = 0
+    heartbeat_acks: int = 0
+    zombie_connections: int = 0
+    dispatches: int = 0
+    malformed_messages: int = 0
+    listener_errors: int = 0
+
+
+@dataclass
+class GuildInfo:
+    """The client's view of one guild: its voice channels and who is connected where."""
+
+    id: int
+    name: str
+    voice_channels: dict[int, VoiceChannelInfo] = field(default_factory=dict)
+    voice_states: dict[int, VoiceStateUpdate] = field(default_factory=dict)
+
+
+# ---- sans-IO core ------------------------------------------------------------------------------------------
+
+
+class Signal(enum.Enum):
+    """Non-dispatch messages the shell must act on."""
+
+    HEARTBEAT_REQUESTED = "heartbeat_requested"  # op 1 from the server: beat now
+    HEARTBEAT_ACK = "heartbeat_ack"
+    RECONNECT = "reconnect"  # op 7: close and resume
+    INVALID_RESUMABLE = "invalid_resumable"  # op 9 true: close and resume
+    INVALID = "invalid"  # op 9 false: session gone, identify again on this socket
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    name: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CloseVerdict:
+    """What follows a closed socket: ``fatal`` set means stop; else reconnect (resume when still possible)."""
+
+    fatal: GatewayError | None
+    session_lost: bool
+
+
+class GatewayProtocol:
+    """The client's session state and protocol decisions. No IO: callers pass payloads and the time."""
+
+    def __init__(self, token: str, intents: int, *, compress: bool) -> None:
+        self._token = token
+        self.intents = intents
+        self.compress = compress
+        self.session_id: str | None = None
+        self.seq: int | None = None
+        self.resume_url: str | None = None
+        self.user_id: int | None = None
+        self.latency: float | None = None
+        self._awaiting_ack = False
+        self._heartbeat_sent_at = 0.0
+        self._inflater: Any = None
+        self._buffer = bytearray()
+
+    def __repr__(self) -> str:  # the token must never reach a log line
+        return f"<GatewayProtocol session={self.session_id!r} seq={self.seq}>"
+
+    @property
+    def can_resume(self) -> bool:
+        return self.session_id is not None and self.seq is not None
+
+    def connect_url(self, gateway_url: str) -> str:
+        """The URL to dial now: the resume URL when resuming, else the discovered gateway."""
+        base = self.resume_url if self.can_resume and self.resume_url else gateway_url
+        url = f"{base.rstrip('/')}/?v={GATEWAY_VERSION}&encoding=json"
+        return url + "&compress=zlib-stream" if self.compress else url
+
+    def connection_started(self) -> None:
+        """A new socket: fresh zlib stream, no heartbeat outstanding."""
+        self._inflater = zlib.decompressobj() if self.compress else None
+        self._buffer.clear()
+        self._awaiting_ack = False
+
+    def decode(self, message: str | bytes) -> dict[str, Any] | None:
+        """One WebSocket message to a payload; ``None`` while a zlib-stream message is incomplete."""
+        if isinstance(message, bytes):
+            if self._inflater is None:
+                raise ProtocolError("binary gateway message without zlib-stream")
+            self._buffer += message
+            if not self._buffer.endswith(_ZLIB_SUFFIX):
+                return None
+            try:
+                text: str | bytes = self._inflater.decompress(bytes(self._buffer))
+            except zlib.error as exc:
+                raise ProtocolError(f"corrupt zlib-stream data: {exc}") from None
+            finally:
+                self._buffer.clear()
+        else:
+            text = message
+        try:
+            payload = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("gateway message is not JSON") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("op"), int):
+            raise ProtocolError("gateway message has no integer op")
+        return payload
+
+    def opening_payload(self) -> dict[str, Any]:
+        """Resume when the session is resumable, else Identify."""
+        if self.can_resume:
+            return {"op": 6, "d": {"token": self._token, "session_id": self.session_id, "seq": self.seq}}
+        return {
+            "op": 2,
+            "d": {
+                "token": self._token,
+                "intents": int(self.intents),
+                "properties": {"os": sys.platform, "browser": "cordvoice", "device": "cordvoice"},
+                "compress": False,
+                "large_threshold": 50,
+            },
+        }
+
+    def heartbeat(self, now: float) -> dict[str, Any] | None:
+        """The next heartbeat, or ``None`` when the previous one was never acknowledged (zombie socket)."""
+        if self._awaiting_ack:
+            return None
+        return self.forced_heartbeat(now)
+
+    def forced_heartbeat(self, now: float) -> dict[str, Any]:
+        """A heartbeat regardless of ACK state (the server asked for one with op 1)."""
+        self._awaiting_ack = True
+        self._heartbeat_sent_at = now
+        return {"op": 1, "d": self.seq}
+
+    def receive(self, payload: dict[str, Any], now: float) -> Hello | Dispatch | Signal | None:
+        """Interpret one payload; tracks ``seq``, the session and heartbeat ACKs."""
+        op = payload["op"]
+        data = payload.get("d")
+        seq = payload.get("s")
+        if op == 0:
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                self.seq = seq
+            name = payload.get("t")
+            if not isinstance(name, str):
+                raise ProtocolError("dispatch without an event name")
+            if name == "READY":
+                self._ready(data)
+            return Dispatch(name, data)
+        if op == 10:
+            interval = data.get("heartbeat_interval") if isinstance(data, dict) else None
+            if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
+                raise ProtocolError("Hello without a positive heartbeat_interval")
+            return Hello(interval / 1000)
+        if op == 11:
+            self._awaiting_ack = False
+            self.latency = now - self._heartbeat_sent_at
+            return Signal.HEARTBEAT_ACK
+        if op == 1:
+            return Signal.HEARTBEAT_REQUESTED
+        if op == 7:
+            return Signal.RECONNECT
+        if op == 9:
+            return Signal.INVALID_RESUMABLE if data is True else Signal.INVALID
+        return None
+
+    def _ready(self, data: object) -> None:
+        if not isinstance(data, dict):
+            raise ProtocolError("READY payload is not an object")
+        session_id = data.get("session_id")
+        user = data.get("user")
+        if not isinstance(session_id, str) or not session_id or not isinstance(user, dict):
+            raise ProtocolError("READY has no session_id or user")
+        self.user_id = parse_snowflake(user.get("id"), "user.id")
+        self.session_id = session_id
+        resume_url = data.get("resume_gateway_url")
+        self.resume_url = resume_url if isinstance(resume_url, str) and resume_url else None
+
+    def forget_session(self) -> bool:
+        """Drop the session (it cannot be resumed); returns whether there was one."""
+        had = self.session_id is not None
+        self.session_id = None
+        self.seq = None
+        self.resume_url = None
+        return had
+
+    def connection_closed(self, code: int | None) -> CloseVerdict:
+        """Decide what a close code means for the session."""
+        if code in _FATAL_CLOSES:
+            lost = self.forget_session()
+            return CloseVerdict(GatewayError(_FATAL_CLOSES[code]), lost)
+        if code in _SESSION_ENDING_CLOSES:
+            return CloseVerdict(None, self.forget_session())
+        return CloseVerdict(None, False)
+
+
+# ---- asyncio shell -----------------------------------------------------------------------------------------
+
+
+class _SendLimiter:
+    """At most ``limit`` payloads per ``period`` seconds (Discord closes with 4008 above 120 per minute)."""
+
+    def __init__(self, limit: int, period: float) -> None:
+        self._limit = limit
+        self._period = period
+        self._sent: deque[float] = deque(maxlen=limit)
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self._sent) == self._limit:
+            wait = self._sent[0] + self._period - loop.time()
+            if wait > 0:
+                logger.info("main gateway send limit reached; waiting %.1f s", wait)
+                await asyncio.sleep(wait)
+        self._sent.append(loop.time())
+
+
+class Client:
+    """A standalone main-gateway client that implements :class:`~cordvoice.gateway.adapter.VoiceAdapter`.
+
+    ``async with Client(token) as client:`` returns once the gateway is READY and the guilds have arrived (or
+    ``guild_ready_timeout`` passed). ``start()``/``close()`` do the same without a block.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        intents: int = DEFAULT_INTENTS,
+        gateway_url: str | None = None,
+        api_base: str = DISCORD_API_BASE,
+        ssl: ssl_module.SSLContext | None = None,
+        compress: bool = False,
+        reconnect: bool = True,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        ready_timeout: float = 30.0,
+        guild_ready_timeout: float = 2.0,
+        request_timeout: float = 30.0,
+        send_limit: tuple[int, float] | None = (110, 60.0),
+    ) -> None:
+        if not isinstance(token, str) or not token.strip():
+            raise InvalidArgumentError("a bot token is required")
+        if backoff_base < 0 or backoff_cap < 0:
+            raise InvalidArgumentError("backoff_base and backoff_cap must be >= 0")
+        self._token = token.strip().removeprefix("Bot ")
+        self._protocol = GatewayProtocol(self._token, intents, compress=compress)
+        self._gateway_url = gateway_url
+        self._api_base = api_base.rstrip("/")
+        self._ssl = ssl
+        self._reconnect = reconnect
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._ready_timeout = ready_timeout
+        self._guild_ready_timeout = guild_ready_timeout
+        self._request_timeout = request_timeout
+        self._limiter = _SendLimiter(*send_limit) if send_limit is not None else None
+        self._listener: VoiceEventListener | None = None
+        self._guilds: dict[int, GuildInfo] = {}
+        self._pending_guilds: set[int] = set()
+        self._guilds_ready = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._ever_ready = False
+        self._ws: ClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stop = asyncio.Event()
+        self._error: GatewayError | None = None
+        self.stats = GatewayClientStats()
+
+    def __repr__(self) -> str:
+        return f"<cordvoice.gateway.Client user_id={self._protocol.user_id} ready={self._ready.is_set()}>"
+
+    # ---- VoiceAdapter ---------------------------------------------------------------------------------
+
+    @property
+    def user_id(self) -> int:
+        """The bot's user id, from READY."""
+        if self._protocol.user_id is None:
+            raise GatewayError("the gateway client is not logged in yet: await start() first")
+        return self._protocol.user_id
+
+    def set_listener(self, listener: VoiceEventListener | None) -> None:
+        self._listener = listener
+
+    async def update_voice_state(
+        self, guild_id: int, channel_id: int | None, *, self_mute: bool = False, self_deaf: bool = False
+    ) -> None:
+        """Send op 4 (join/move with a channel id, leave with ``None``), waiting for a live session first."""
+        for name, value in (("guild_id", guild_id), ("channel_id", channel_id)):
+            if value is None and name == "channel_id":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgumentError(f"{name} must be a positive integer id")
+        payload = {
+            "op": 4,
+            "d": {
+                "guild_id": str(guild_id),
+                "channel_id": None if channel_id is None else str(channel_id),
+                "self_mute": bool(self_mute),
+                "self_deaf": bool(self_deaf),
+            },
+        }
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                while True:
+                    ws = await self._wait_ready()
+                    try:
+                        await self._send(ws, payload)
+                        return
+                    except ConnectionClosed:
+                        await asyncio.sleep(0.05)  # the reader notices the drop and clears readiness
+        except TimeoutError:
+            raise GatewayError(
+                f"could not send a voice state update within {self._request_timeout} s: not connected"
+            ) from None
+
+    # ---- public state ---------------------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str | None:
+        """The main-gateway session id (voice states carry it)."""
+        return self._protocol.session_id
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds between the last heartbeat and its ACK."""
+        return self._protocol.latency
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def guilds(self) -> dict[int, GuildInfo]:
+        """The guild cache, by id (read-only by convention)."""
+        return self._guilds
+
+    def voice_state(self, guild_id: int, user_id: int) -> VoiceStateUpdate | None:
+        guild = self._guilds.get(guild_id)
+        return None if guild is None else guild.voice_states.get(user_id)
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and wait for READY and the guilds; raises :class:`GatewayError` if login fails."""
+        if self._task is not None:
+            raise GatewayError("the gateway client was already started")
+        try:
+            gateway_url = self._gateway_url or await self._discover_gateway()
+            self._task = asyncio.create_task(self._run(gateway_url), name="cordvoice-gateway-client")
+            ready = asyncio.ensure_future(self._ready.wait())
+            try:
+                async with asyncio.timeout(self._ready_timeout):
+                    await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                raise GatewayError(
+                    f"the gateway did not become ready within {self._ready_timeout} s"
+                ) from None
+            finally:
+                ready.cancel()
+            if not self._ready.is_set():
+                raise self._error or GatewayError("the gateway connection ended before READY")
+            try:
+                async with asyncio.timeout(self._guild_ready_timeout):
+                    await self._guilds_ready.wait()
+            except TimeoutError:
+                logger.warning("%d guild(s) from READY did not arrive in time", len(self._pending_guilds))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the socket with 1000 (ending the session, as Discord defines) and stop every task."""
+        self._closing = True
+        self._stop.set()
+        self._ready.clear()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close(1000, "client closing")
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                async with asyncio.timeout(5.0):
+                    await asyncio.shield(task)
+            except (TimeoutError, Exception):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def wait_closed(self) -> None:
+        """Wait until the client stops for good; raises the fatal :class:`GatewayError` if there was one."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        if self._error is not None:
+            raise self._error
+
+    # ---- internals ------------------------------------------------------------------------------------
+
+    async def _discover_gateway(self) -> str:
+        url = f"{self._api_base}/gateway/bot"
+        request = urllib.request.Request(
+            url, headers={"Authorization": f"Bot {self._token}", "User-Agent": _user_agent()}
+        )
+
+        def fetch() -> bytes:
+            with urllib.request.urlopen(request, timeout=10.0, context=self._ssl) as response:
+                body: bytes = response.read()
+                return body
+
+        try:
+            body = await asyncio.to_thread(fetch)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise GatewayError("Discord rejected the bot token (HTTP 401 from /gateway/bot)") from None
+            raise GatewayError(f"GET {url} failed with HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise GatewayError(f"could not reach {url}: {exc}") from None
+        try:
+            gateway = json.loads(body)["url"]
+        except (ValueError, KeyError, TypeError):
+            raise GatewayError(f"GET {url} did not return a gateway URL") from None
+        if not isinstance(gateway, str) or not gateway.startswith(("ws://", "wss://")):
+            raise GatewayError(f"GET {url} returned an unusable gateway URL")
+        return gateway
+
+    async def _wait_ready(self) -> ClientConnection:
+        while True:
+            if self._closing or (self._task is not None and self._task.done()):
+                raise GatewayError("the gateway client is closed")
+            await self._ready.wait()
+            if self._ws is not None:
+                return self._ws
+
+    async def _send(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
+        if self._limiter is not None:
+            await self._limiter.acquire()
+        await ws.send(json.dumps(payload, separators=(",", ":")))
+
+    def _backoff(self, attempt: int) -> float:
+        if attempt == 0:
+            return 0.0
+        return random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
+
+    def _fail(self, error: GatewayError) -> None:
+        self._error = error
+        logger.error("main gateway client stopped: %s", error)
+
+    async def _run(self, gateway_url: str) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                verdict, healthy = await self._connect_once(gateway_url)
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                if not self._ever_ready:
+                    self._fail(GatewayError(f"could not connect to the gateway at {gateway_url}: {exc}"))
+                    return
+                logger.warning("main gateway connection failed: %s", exc)
+                verdict, healthy = CloseVerdict(None, False), False
+            if self._closing:
+                return
+            if verdict.session_lost:
+                self._session_lost()
+            if verdict.fatal is not None:
+                self._fail(verdict.fatal)
+                return
+            if not self._reconnect:
+                self._fail(GatewayError("the main gateway connection closed and reconnect=False"))
+                return
+            # A socket that reached READY/RESUMED earns an immediate retry; repeated failures back off.
+            failures = 0 if healthy else failures + 1
+            delay = self._backoff(failures)
+            self.stats.reconnects += 1
+            logger.info("reconnecting to the main gateway in %.2f s", delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+
+    async def _connect_once(self, gateway_url: str) -> tuple[CloseVerdict, bool]:
+        """One socket's life; returns the verdict on its close and whether the session became ready on it."""
+        protocol = self._protocol
+        url = protocol.connect_url(gateway_url)
+        protocol.connection_started()
+        got_hello = False
+        healthy = False
+        heartbeat: asyncio.Task[None] | None = None
+        async with connect(
+            url,
+            ssl=self._ssl if url.startswith("wss://") else None,
+            compression=None,
+            max_size=_MAX_MESSAGE,
+            open_timeout=10.0,
+            close_timeout=2.0,
+            ping_interval=None,
+            user_agent_header=_user_agent(),
+        ) as ws:
+            self.stats.connects += 1
+            self._ws = ws
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(None if got_hello else 20.0):
+                            message = await ws.recv()
+                    except ConnectionClosed:
+                        break
+                    try:
+                        payload = protocol.decode(message)
+                        if payload is None:
+                            continue
+                        event = protocol.receive(payload, time.monotonic())
+                    except ProtocolError as exc:
+                        self.stats.malformed_messages += 1
+                        logger.warning("dropped a malformed gateway message: %s", exc)
+                        continue
+                    if isinstance(event, Hello):
+                        got_hello = True
+                        heartbeat = asyncio.create_task(
+                            self._heartbeat_loop(ws, event.heartbeat_interval),
+                            name="cordvoice-gateway-heartbeat",
+                        )
+                        await self._open_session(ws)
+                    elif isinstance(event, Dispatch):
+                        self._on_dispatch(event)
+                        healthy = healthy or self._ready.is_set()
+                    elif event is not None:
+                        await self._on_signal(ws, event)
+            finally:
+                self._ws = None
+                self._ready.clear()
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await heartbeat
+        return protocol.connection_closed(ws.close_code), healthy
+
+    async def _open_session(self, ws: ClientConnection) -> None:
+        payload = self._protocol.opening_payload()
+        if payload["op"] == 2:
+            self.stats.identifies += 1
+        await self._send(ws, payload)
+
+    async def _on_signal(self, ws: ClientConnection, signal: Signal) -> None:
+        if signal is Signal.HEARTBEAT_REQUESTED:
+            await self._beat(ws, self._protocol.forced_heartbeat(time.monotonic()))
+        elif signal is Signal.HEARTBEAT_ACK:
+            self.stats.heartbeat_acks += 1
+        elif signal in (Signal.RECONNECT, Signal.INVALID_RESUMABLE):
+            logger.info("main gateway asked for a reconnect (%s)", signal.value)
+            await ws.close(4000, "reconnecting")
+        elif signal is Signal.INVALID:
+            self.stats.invalid_sessions += 1
+            self._ready.clear()
+            if self._protocol.forget_session():
+                self._session_lost()
+            delay = random.uniform(1.0, 5.0) * self._backoff_base
+            logger.info("main gateway session invalidated; identifying again in %.2f s", delay)
+            await asyncio.sleep(delay)
+            await self._open_session(ws)
+
+    def _session_lost(self) -> None:
+        self.stats.sessions_lost += 1
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener.on_gateway_session_lost()
+            except Exception:
+                self.stats.listener_errors += 1
+                logger.exception("voice listener failed in on_gateway_session_lost")
+
+    async def _heartbeat_loop(self, ws: ClientConnection, interval: float) -> None:
+        await asyncio.sleep(interval * random.random())
+        while True:
+            payload = self._protocol.heartbeat(time.monotonic())
+            if payload is None:
+                self.stats.zombie_connections += 1
+                logger.warning("main gateway did not acknowledge the last heartbeat; reconnecting")
+                await ws.close(4000, "heartbeat not acknowledged")
+                return
+            try:
+                await self._beat(ws, payload)
+            except ConnectionClosed:
+                return
+            await asyncio.sleep(interval)
+
+    async def _beat(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
+        # Heartbeats skip the send limiter (its headroom below Discord's 120/min is kept for them).
+        await ws.send(json.dumps(payload, separators=(",", ":")))
+        self.stats.heartbeats_sent += 1
+
+    def _on_dispatch(self, event: Dispatch) -> None:
+        self.stats.dispatches += 1
+        try:
+            self._apply_dispatch(event.name, event.data)
+        except ProtocolError as exc:
+            self.stats.malformed_messages += 1
+            logger.warning("dropped a malformed %s dispatch: %s", event.name, exc)
+
+    def _apply_dispatch(self, name: str, data: Any) -> None:
+        if name == "READY":
+            self._on_ready(data)
+        elif name == "RESUMED":
+            self.stats.resumes += 1
+            self._ready.set()
+        elif name == "GUILD_CREATE":
+            snapshot = parse_guild_create(data)
+            self._guilds[snapshot.id] = GuildInfo(
+                id=snapshot.id,
+                name=snapshot.name,
+                voice_channels={c.id: c for c in snapshot.voice_channels},
+                voice_states={s.user_id: s for s in snapshot.voice_states},
+            )
+            self._pending_guilds.discard(snapshot.id)
+            if not self._pending_guilds:
+                self._guilds_ready.set()
+        elif name == "GUILD_DELETE":
+            guild_id = parse_snowflake(data.get("id") if isinstance(data, dict) else None, "id")
+            self._guilds.pop(guild_id, None)
+        elif name in ("CHANNEL_CREATE", "CHANNEL_UPDATE", "CHANNEL_DELETE"):
+            self._on_channel(name, data)
+        elif name == "VOICE_STATE_UPDATE":
+            state = parse_voice_state_update(data)
+            guild = self._guilds.get(state.guild_id)
+            if guild is not None:
+                if state.channel_id is None:
+                    guild.voice_states.pop(state.user_id, None)
+                else:
+                    guild.voice_states[state.user_id] = state
+            self._notify("on_voice_state_update", state)
+        elif name == "VOICE_SERVER_UPDATE":
+            self._notify("on_voice_server_update", parse_voice_server_update(data))
+
+    def _on_ready(self, data: Any) -> None:
+        guilds = data.get("guilds", []) if isinstance(data, dict) else []
+        pending = set()
+        for raw in guilds if isinstance(guilds, list) else []:
+            if isinstance(raw, dict):
+                pending.add(parse_snowflake(raw.get("id"), "guilds[].id"))
+        self._guilds.clear()
+        self._pending_guilds = pending
+        if pending:
+            self._guilds_ready.clear()
+        else:
+            self._guilds_ready.set()
+        self._ever_ready = True
+        self._ready.set()
+        logger.info("main gateway ready: %d guild(s)", len(pending))
+
+    def _on_channel(self, name: str, data: Any) -> None:
+        channel = parse_channel(data)
+        if channel is None:
+            return
+        guild = self._guilds.get(channel.guild_id)
+        if guild is None:
+            return
+        if name == "CHANNEL_DELETE":
+            guild.voice_channels.pop(channel.id, None)
+        else:
+            guild.voice_channels[channel.id] = channel
+
+    def _notify(self, method: str, event: Any) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            getattr(listener, method)(event)
+        except Exception:
+            self.stats.listener_errors += 1
+            logger.exception("voice listener failed in %s", method)

@@ -1,0 +1,299 @@
+"""cordvoice.gateway.Client against the emulator's main gateway, over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from cordvoice.emulator import Emulator
+from cordvoice.errors import GatewayError, InvalidArgumentError
+from cordvoice.gateway import Client, VoiceAdapter, VoiceServerUpdate, VoiceStateUpdate
+
+from .conftest import Recorder, World, build_world
+
+
+def make_client(world: World, **kwargs: Any) -> Client:
+    return Client(
+        world.bot.token,
+        gateway_url=world.emu.gateway_url,
+        api_base=world.emu.api_base,
+        backoff_base=0.01,
+        **kwargs,
+    )
+
+
+async def test_login_fills_the_guild_cache(world: World) -> None:
+    async with make_client(world) as client:
+        assert isinstance(client, VoiceAdapter)
+        assert client.user_id == world.bot.user_id
+        assert client.session_id is not None
+        guild = client.guilds[world.guild.id]
+        assert set(guild.voice_channels) == {world.channel.id, world.other_channel.id}
+        assert guild.voice_channels[world.channel.id].name == "General"
+        assert world.emu.main_gateway.stats.identifies == 1
+
+
+async def test_guild_cache_includes_existing_voice_states_and_new_channels(world: World) -> None:
+    human = world.emu.create_user("alice")
+    world.emu.add_member(world.guild.id, human.id)
+    world.emu.set_voice_state(world.guild.id, human.id, world.channel.id)
+    async with make_client(world) as client:
+        state = client.voice_state(world.guild.id, human.id)
+        assert state is not None and state.channel_id == world.channel.id
+        stage = world.emu.create_stage_channel(world.guild.id)
+        async with asyncio.timeout(5):
+            while stage.id not in client.guilds[world.guild.id].voice_channels:
+                await asyncio.sleep(0.01)
+        assert client.guilds[world.guild.id].voice_channels[stage.id].is_stage
+
+
+async def test_join_move_leave_deliver_events_with_fresh_tokens(world: World) -> None:
+    recorder = Recorder()
+    async with make_client(world) as client:
+        client.set_listener(recorder)
+        await client.update_voice_state(world.guild.id, world.channel.id, self_deaf=True)
+        state, server = await recorder.pair()
+        assert state.user_id == world.bot.user_id
+        assert state.channel_id == world.channel.id
+        assert state.session_id == client.session_id
+        assert state.self_deaf and not state.self_mute
+        assert server.guild_id == world.guild.id
+        endpoint = world.emu.state.guild_voice_server(world.guild.id).endpoint
+        assert server.endpoint == endpoint
+        assert server.voice_gateway_url() == f"wss://{endpoint}/?v=8"
+        session = world.emu.state.lookup_voice_session(
+            world.guild.id, world.bot.user_id, state.session_id, server.token
+        )
+        assert session is not None and session.channel_id == world.channel.id
+
+        await client.update_voice_state(world.guild.id, world.other_channel.id)
+        moved, moved_server = await recorder.pair()
+        assert moved.channel_id == world.other_channel.id
+        assert moved_server.token != server.token
+        assert (
+            world.emu.state.lookup_voice_session(
+                world.guild.id, world.bot.user_id, state.session_id, server.token
+            )
+            is None
+        )
+
+        await client.update_voice_state(world.guild.id, None)
+        left = await recorder.next()
+        assert isinstance(left, VoiceStateUpdate) and left.channel_id is None
+        assert client.voice_state(world.guild.id, world.bot.user_id) is None
+        assert recorder.events.empty()
+
+
+async def test_flag_only_update_keeps_the_voice_session(world: World) -> None:
+    recorder = Recorder()
+    async with make_client(world) as client:
+        client.set_listener(recorder)
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        _, server = await recorder.pair()
+        await client.update_voice_state(world.guild.id, world.channel.id, self_mute=True)
+        muted = await recorder.next()
+        assert isinstance(muted, VoiceStateUpdate) and muted.self_mute
+        await asyncio.sleep(0.05)
+        assert recorder.events.empty(), "a mute toggle must not issue a new voice server update"
+        # Once the voice side revokes the session (e.g. after 4006), the same channel gets a new token.
+        world.emu.state.revoke_voice_session(world.guild.id, world.bot.user_id)
+        await client.update_voice_state(world.guild.id, world.channel.id, self_mute=True)
+        _, again = await recorder.pair()
+        assert again.token != server.token
+
+
+async def test_participants_kicks_and_server_moves_reach_the_listener(world: World) -> None:
+    emu = world.emu
+    recorder = Recorder()
+    human = emu.create_user("bob")
+    emu.add_member(world.guild.id, human.id)
+    async with make_client(world) as client:
+        client.set_listener(recorder)
+        emu.set_voice_state(world.guild.id, human.id, world.channel.id)
+        joined = await recorder.next()
+        assert isinstance(joined, VoiceStateUpdate) and joined.user_id == human.id
+        emu.set_voice_state(world.guild.id, human.id, None)
+        left = await recorder.next()
+        assert isinstance(left, VoiceStateUpdate) and left.user_id == human.id and left.channel_id is None
+
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        _, first = await recorder.pair()
+        second_server = await emu.add_voice_server()
+        await emu.move_guild(world.guild.id, second_server.id, null_endpoint_first=True)
+        gone = await recorder.next()
+        assert isinstance(gone, VoiceServerUpdate) and gone.endpoint is None
+        moved = await recorder.next()
+        assert isinstance(moved, VoiceServerUpdate)
+        assert moved.endpoint == second_server.endpoint and moved.token != first.token
+
+        emu.disconnect_member(world.guild.id, world.bot.user_id)
+        kicked = await recorder.next()
+        assert isinstance(kicked, VoiceStateUpdate) and kicked.channel_id is None
+        assert kicked.user_id == world.bot.user_id
+
+
+async def test_bad_token_is_a_clear_gateway_error(world: World) -> None:
+    client = Client("not-a-real-token", gateway_url=world.emu.gateway_url, api_base=world.emu.api_base)
+    with pytest.raises(GatewayError, match="4004"):
+        await client.start()
+    assert world.emu.main_gateway.stats.closes[4004] == 1
+    # Discovery through REST says the same thing without opening a socket.
+    discovering = Client("not-a-real-token", api_base=world.emu.api_base)
+    with pytest.raises(GatewayError, match="401"):
+        await discovering.start()
+    assert world.emu.rest.stats.unauthorized == 1
+
+
+async def test_gateway_discovery_through_rest(world: World) -> None:
+    async with Client(world.bot.token, api_base=world.emu.api_base) as client:
+        assert client.user_id == world.bot.user_id
+    assert world.emu.rest.stats.requests["/gateway/bot"] == 1
+
+
+async def test_unreachable_gateway_fails_start_quickly() -> None:
+    async with Emulator(voice_servers=0) as emu:
+        url = emu.gateway_url
+    client = Client("token", gateway_url=url)
+    async with asyncio.timeout(5):
+        with pytest.raises(GatewayError, match="could not connect"):
+            await client.start()
+
+
+async def test_resume_after_a_drop_replays_missed_dispatches(world: World) -> None:
+    emu = world.emu
+    recorder = Recorder()
+    human = emu.create_user("carol")
+    emu.add_member(world.guild.id, human.id)
+    async with make_client(world) as client:
+        client.set_listener(recorder)
+        session_id = client.session_id
+        # Cut TCP without a close frame, then change the world before the client can come back.
+        await emu.main_gateway.drop(user_id=world.bot.user_id)
+        emu.set_voice_state(world.guild.id, human.id, world.channel.id)
+        missed = await recorder.next()
+        assert isinstance(missed, VoiceStateUpdate) and missed.user_id == human.id
+        async with asyncio.timeout(5):
+            while not client.is_ready:
+                await asyncio.sleep(0.01)
+        assert client.session_id == session_id
+        assert client.stats.resumes == 1 and client.stats.identifies == 1
+        assert emu.main_gateway.stats.resumes == 1
+        assert emu.main_gateway.stats.replayed >= 1
+        assert recorder.sessions_lost == 0
+        # The resumed socket carries op 4 again.
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        state, _ = await recorder.pair()
+        assert state.session_id == session_id
+
+
+async def test_reconnect_request_resumes(world: World) -> None:
+    async with make_client(world) as client:
+        assert world.emu.main_gateway.request_reconnect(user_id=world.bot.user_id) == 1
+        async with asyncio.timeout(5):
+            while client.stats.resumes < 1 or not client.is_ready:
+                await asyncio.sleep(0.01)
+        assert world.emu.main_gateway.stats.resumes == 1
+
+
+async def test_invalid_session_identifies_again_and_tells_the_listener(world: World) -> None:
+    recorder = Recorder()
+    async with make_client(world) as client:
+        client.set_listener(recorder)
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        await recorder.pair()
+        old_session = client.session_id
+        assert old_session is not None
+        world.emu.main_gateway.invalidate_session(old_session)
+        assert await recorder.next() == "session_lost"
+        async with asyncio.timeout(5):
+            while not client.is_ready or client.session_id == old_session:
+                await asyncio.sleep(0.01)
+        assert client.stats.identifies == 2 and client.stats.invalid_sessions == 1
+        # The voice state belonged to the dead session: the new session's GUILD_CREATE no longer shows it.
+        assert world.emu.state.voice_state(world.guild.id, world.bot.user_id) is None
+        async with asyncio.timeout(5):
+            while world.guild.id not in client.guilds:
+                await asyncio.sleep(0.01)
+        assert client.voice_state(world.guild.id, world.bot.user_id) is None
+
+
+async def test_zombie_connection_is_detected_and_resumed() -> None:
+    async with Emulator(heartbeat_interval=0.1) as emu:
+        world = build_world(emu)
+        async with make_client(world) as client:
+            emu.gateway_connections[0].ack_heartbeats = False
+            async with asyncio.timeout(5):
+                while client.stats.resumes < 1 or not client.is_ready:
+                    await asyncio.sleep(0.01)
+            assert client.stats.zombie_connections == 1
+            assert emu.main_gateway.stats.acks_withheld >= 1
+            # The resumed socket acknowledges again, which gives a latency reading.
+            async with asyncio.timeout(5):
+                while client.stats.heartbeat_acks < 1:
+                    await asyncio.sleep(0.01)
+            assert client.latency is not None and 0 <= client.latency < 1
+
+
+async def test_compressed_stream_and_close_ends_the_session(world: World) -> None:
+    recorder = Recorder()
+    async with make_client(world, compress=True) as client:
+        assert world.emu.gateway_connections[0].compress
+        client.set_listener(recorder)
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        await recorder.pair()
+    # A client close (1000) ends the session on Discord's side, and with it the bot's voice state.
+    async with asyncio.timeout(5):
+        while world.emu.main_gateway.hub.sessions:
+            await asyncio.sleep(0.01)
+    assert world.emu.state.voice_state(world.guild.id, world.bot.user_id) is None
+
+
+async def test_heartbeat_timeout_ends_the_session_and_the_client_identifies_again() -> None:
+    async with Emulator(heartbeat_interval=0.1, heartbeat_timeout=0.15) as emu:
+        world = build_world(emu)
+        recorder = Recorder()
+        async with make_client(world) as client:
+            client.set_listener(recorder)
+            old = client.session_id
+            # From the next heartbeat on, the emulator's deadline is "now": as if the client had gone quiet.
+            emu.gateway_connections[0].heartbeat_timeout = 0.0
+            assert await recorder.next() == "session_lost"
+            async with asyncio.timeout(5):
+                while not client.is_ready or client.session_id == old:
+                    await asyncio.sleep(0.01)
+            assert emu.main_gateway.stats.closes[4009] >= 1
+
+
+async def test_update_voice_state_validates_and_fails_after_close(world: World) -> None:
+    client = make_client(world)
+    await client.start()
+    with pytest.raises(InvalidArgumentError):
+        await client.update_voice_state(0, world.channel.id)
+    await client.close()
+    with pytest.raises(GatewayError):
+        await client.update_voice_state(world.guild.id, world.channel.id)
+
+
+async def test_listener_errors_are_counted_not_fatal(world: World) -> None:
+    class Broken(Recorder):
+        def on_voice_state_update(self, event: VoiceStateUpdate) -> None:
+            raise RuntimeError("listener bug")
+
+    broken = Broken()
+    async with make_client(world) as client:
+        client.set_listener(broken)
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        server = await broken.next()
+        assert isinstance(server, VoiceServerUpdate)
+        assert client.stats.listener_errors == 1
+        assert client.is_ready
+
+
+async def test_client_shutdown_leaves_no_tasks(world: World) -> None:
+    before = asyncio.all_tasks()
+    async with make_client(world) as client:
+        await client.update_voice_state(world.guild.id, world.channel.id)
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()
