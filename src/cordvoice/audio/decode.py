@@ -1,0 +1,233 @@
+"""Decode any file or URL PyAV can open into 20 ms frames of 48 kHz stereo s16 PCM.
+
+This is the non-passthrough input of the player: MP3, WAV, Vorbis, AAC, video soundtracks, network streams.
+Each frame is exactly :data:`~cordvoice.audio.pcm.FRAME_BYTES` long (the last one padded with zeros), ready
+for the mixer and the Opus encoder. Decoding blocks and releases the GIL, so call :meth:`PCMDecoder.read`
+from a worker thread. Every container is closed, on errors and early stops too.
+
+A corrupt packet is skipped and counted in :attr:`PCMDecoder.decode_errors` instead of ending the track,
+because slightly damaged MP3s are common; a run of many bad packets in a row is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Generator, Iterator
+from fractions import Fraction
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import av
+
+from cordvoice.audio.pcm import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, FrameChunker
+from cordvoice.errors import AudioError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["PCMDecoder", "iter_pcm_frames"]
+
+Source = str | os.PathLike[str] | IO[bytes]
+
+_MAX_CONSECUTIVE_ERRORS: Final = 50
+_BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
+
+
+def _describe(source: Source) -> str:
+    if isinstance(source, str | os.PathLike):
+        return repr(os.fspath(source))
+    return f"<{type(source).__name__}>"
+
+
+class PCMDecoder:
+    """Decode the first audio stream of a file, file-like object or URL to 20 ms PCM frames.
+
+    ``options`` are FFmpeg format options (e.g. ``{"reconnect": "1"}`` for HTTP); ``timeout`` bounds
+    network opens and reads in seconds; ``start`` seeks before the first frame.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        format: str | None = None,
+        options: dict[str, str] | None = None,
+        timeout: float | None = None,
+        start: float = 0.0,
+    ) -> None:
+        self._av: Any = av
+        self._lock = threading.Lock()
+        self._closed = False
+        self._name = _describe(source)
+        self.decode_errors = 0
+        """Packets that failed to decode and were skipped."""
+        try:
+            self._container: Any = av.open(
+                source, mode="r", format=format, options=options or {}, timeout=timeout
+            )
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise AudioError(f"cannot open {self._name}: {exc}") from exc
+        try:
+            if not self._container.streams.audio:
+                raise AudioError(f"{self._name} has no audio stream")
+            self._stream: Any = self._container.streams.audio[0]
+            self._time_base: Fraction | None = self._stream.time_base
+            self._chunker = FrameChunker()
+            self._start_pts: int = self._stream.start_time or 0
+            self._frames = self._generate(None)
+            if start:
+                self._seek_locked(start)
+        except BaseException:
+            self._closed = True
+            self._container.close()
+            raise
+
+    @property
+    def codec(self) -> str:
+        """Name of the source's codec (``mp3float``, ``vorbis``, ``pcm_s16le``...)."""
+        return str(self._stream.codec_context.name)
+
+    @property
+    def source_rate(self) -> int:
+        """Sample rate of the source before resampling."""
+        return int(self._stream.codec_context.sample_rate or 0)
+
+    @property
+    def duration(self) -> float | None:
+        """Length in seconds when the container knows it."""
+        if self._stream.duration is not None and self._time_base is not None:
+            return float(self._stream.duration * self._time_base)
+        if self._container.duration is not None:
+            return float(self._container.duration) / 1_000_000
+        return None
+
+    @property
+    def seekable(self) -> bool:
+        """Whether :meth:`seek` can work: a seekable input with a known length (not a pipe or live stream)."""
+        return not self._closed and bool(self._container.duration)
+
+    def _new_resampler(self) -> Any:
+        return self._av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE)
+
+    def _generate(self, target: int | None) -> Generator[bytes, None, None]:
+        """Frames from the current position.
+
+        After a seek, ``target`` is the wanted position in 48 kHz samples from the stream start: output
+        before it (containers land on a packet boundary earlier than asked) is dropped.
+        """
+        av = self._av
+        resampler = self._new_resampler()
+        chunker = self._chunker
+        chunker.clear()
+        skip = 0
+        consecutive_errors = 0
+        for packet in self._container.demux(self._stream):
+            try:
+                decoded = packet.decode()
+            except av.InvalidDataError:
+                self.decode_errors += 1
+                consecutive_errors += 1
+                if consecutive_errors > _MAX_CONSECUTIVE_ERRORS:
+                    raise AudioError(f"{self._name}: too many undecodable packets in a row") from None
+                continue
+            consecutive_errors = 0
+            for frame in decoded:
+                if target is not None:
+                    skip = self._samples_before(frame, target)
+                    target = None
+                for out in resampler.resample(frame):
+                    data, skip = self._trim(out, skip)
+                    if data:
+                        yield from chunker.feed(data)
+        for out in resampler.resample(None):
+            data, skip = self._trim(out, skip)
+            if data:
+                yield from chunker.feed(data)
+        last = chunker.flush()
+        if last is not None:
+            yield last
+
+    def _samples_before(self, frame: Any, target: int) -> int:
+        """How many output samples of ``frame`` (the first after a seek) lie before ``target``."""
+        if frame.pts is None or frame.time_base is None:
+            return 0
+        start: Fraction = (frame.pts - self._start_pts) * frame.time_base * SAMPLE_RATE
+        return max(0, round(target - start))
+
+    @staticmethod
+    def _trim(frame: Any, skip: int) -> tuple[memoryview, int]:
+        """The frame's packed s16 bytes (a view: planes carry alignment padding) minus ``skip`` samples."""
+        samples = frame.samples
+        data = memoryview(frame.planes[0])[: samples * _BYTES_PER_SAMPLE]
+        if skip <= 0:
+            return data, 0
+        if skip >= samples:
+            return data[:0], skip - samples
+        return data[skip * _BYTES_PER_SAMPLE :], 0
+
+    def read(self) -> bytes | None:
+        """Return the next 20 ms frame, or ``None`` at the end (blocking: call from a worker thread)."""
+        with self._lock:
+            if self._closed:
+                raise AudioError("the decoder is closed")
+            try:
+                return next(self._frames, None)
+            except AudioError:
+                raise
+            except (self._av.FFmpegError, OSError, ValueError) as exc:
+                raise AudioError(f"cannot decode {self._name}: {exc}") from exc
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (frame := self.read()) is not None:
+            yield frame
+
+    def seek(self, seconds: float) -> None:
+        """Continue decoding from ``seconds`` (sample-accurate when the container has timestamps)."""
+        with self._lock:
+            if self._closed:
+                raise AudioError("the decoder is closed")
+            self._seek_locked(seconds)
+
+    def _seek_locked(self, seconds: float) -> None:
+        if seconds < 0:
+            raise InvalidArgumentError("cannot seek to a negative time")
+        target = round(seconds * SAMPLE_RATE)
+        self._frames.close()
+        try:
+            if self._time_base is not None:
+                offset = self._start_pts + int(Fraction(target, SAMPLE_RATE) / self._time_base)
+                self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
+            else:
+                self._container.seek(int(seconds * 1_000_000), backward=True, any_frame=False)
+        except (self._av.FFmpegError, OSError, ValueError) as exc:
+            raise AudioError(f"cannot seek in {self._name}: {exc}") from exc
+        self._frames = self._generate(target)
+
+    def close(self) -> None:
+        """Stop decoding and close the container; idempotent, safe from another thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._frames.close()
+            finally:
+                self._container.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> PCMDecoder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def iter_pcm_frames(source: Source, *, start: float = 0.0, **options: Any) -> Iterator[bytes]:
+    """Yield 20 ms PCM frames of ``source``; the container closes when the generator ends or is closed."""
+    with PCMDecoder(source, start=start, **options) as decoder:
+        yield from decoder
