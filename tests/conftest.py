@@ -1,0 +1,45 @@
+"""Project-wide test setup: hypothesis profiles and the shared transport known-answer vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# No per-example deadline: CI machines are shared and a slow example is not a failure. The "ci" profile
+# (CI=true) derandomizes so a red build reproduces locally with CI=true.
+settings.register_profile("dev", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VECTORS_ENV = "CORDVOICE_VECTORS"
+
+
+def find_transport_vectors() -> Path | None:
+    """``../shared/vectors/transport.json`` beside the repo, else the file named by $CORDVOICE_VECTORS."""
+    beside_repo = REPO_ROOT.parent / "shared" / "vectors" / "transport.json"
+    if beside_repo.is_file():
+        return beside_repo
+    from_env = os.environ.get(VECTORS_ENV)
+    if from_env and Path(from_env).is_file():
+        return Path(from_env)
+    return None
+
+
+@pytest.fixture(scope="session")
+def transport_vectors() -> dict[str, Any]:
+    """The independently computed UDP transport vectors, read (never copied) from shared/."""
+    path = find_transport_vectors()
+    if path is None:
+        pytest.skip(
+            f"transport vectors not found: expected {REPO_ROOT.parent / 'shared/vectors/transport.json'} "
+            f"or a path in ${VECTORS_ENV}"
+        )
+    with path.open(encoding="utf-8") as file:
+        data: dict[str, Any] = json.load(file)
+    return data
