@@ -21,14 +21,14 @@ VECTORS_ENV = "CORDVOICE_VECTORS"
 
 
 def find_transport_vectors() -> Path | None:
-    """``../shared/vectors/transport.json`` beside the repo, else the file named by $CORDVOICE_VECTORS."""
-    beside_repo = REPO_ROOT.parent / "shared" / "vectors" / "transport.json"
-    if beside_repo.is_file():
-        return beside_repo
+    """$CORDVOICE_VECTORS, else ``../shared/vectors/transport.json`` beside the repo or the workplace's."""
     from_env = os.environ.get(VECTORS_ENV)
-    if from_env and Path(from_env).is_file():
-        return Path(from_env)
-    return None
+    candidates = [Path(from_env)] if from_env else []
+    candidates += [
+        REPO_ROOT.parent / "shared" / "vectors" / "transport.json",
+        Path("/work/shared/vectors/transport.json"),
+    ]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 @pytest.fixture(scope="session")
