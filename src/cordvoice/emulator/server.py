@@ -7,12 +7,15 @@ a :data:`VoiceServerFactory` and registered in the state's voice-server director
 Extension points for the voice side:
 
 * ``voice_server_factory``: starts one voice server (voice gateway + UDP media) and returns a
-  :class:`VoiceServerHandle`. Until the real voice server lands, a placeholder holds the port and closes every
-  voice socket with 4011 ("server not found").
+  :class:`VoiceServerHandle`. The default is :class:`~cordvoice.emulator.voice_server.EmulatedVoiceServer`,
+  configured by ``voice_config`` (a :class:`~cordvoice.emulator.voice_protocol.VoiceServerConfig`).
 * :meth:`Emulator.add_voice_state_hook`: called with every :class:`~cordvoice.emulator.state.VoiceStateChange`
   after the main gateway announced it (joins, moves, leaves, kicks, channel deletions, ended gateway sessions,
   server moves). ``change.revoked`` is the voice session whose connection must end; the cause says with which
   close code.
+* :meth:`Emulator.add_participant`: a simulated member joins a channel over the real voice protocol;
+  :meth:`Emulator.inspect` shows what the voice side saw a client do; :meth:`Emulator.voice_server` gives
+  the fault hooks (close a socket with a code, crash, drop, withhold ACKs, pause or impair UDP).
 * :meth:`Emulator.disconnect_member` (kick: VOICE_STATE_UPDATE with a null channel), :meth:`move_guild`
   (server move, optionally announcing ``endpoint: null`` first), :meth:`set_voice_state` (simulated
   participants joining and leaving), :meth:`announce_voice_server_lost`.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http
 import ipaddress
 import json
@@ -38,7 +42,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from cordvoice.emulator.inspection import ClientInspection
 from cordvoice.emulator.main_gateway import GatewayConnection, MainGateway, VoiceStateHook
+from cordvoice.emulator.participant import Participant
 from cordvoice.emulator.rest import RestApi, RestResponse
 from cordvoice.emulator.state import (
     Bot,
@@ -49,9 +55,12 @@ from cordvoice.emulator.state import (
     User,
     VoiceChangeCause,
     VoiceServer,
+    VoiceSession,
     VoiceStateChange,
 )
 from cordvoice.emulator.tls import TlsMaterial
+from cordvoice.emulator.voice_protocol import VoiceServerConfig
+from cordvoice.emulator.voice_server import EmulatedVoiceServer
 from cordvoice.errors import EmulatorError
 
 __all__ = ["Emulator", "VoiceServerFactory", "VoiceServerHandle"]
@@ -72,39 +81,6 @@ class VoiceServerHandle(Protocol):
 
 VoiceServerFactory = Callable[["Emulator", int, int], Awaitable[VoiceServerHandle]]
 """``factory(emulator, server_id, port)`` starts voice server ``server_id`` on ``port`` (0: any free one)."""
-
-
-class _PlaceholderVoiceServer:
-    """Holds a real port for VOICE_SERVER_UPDATE until the voice gateway exists; refuses voice sockets."""
-
-    def __init__(self, server: Server, endpoint: str) -> None:
-        self._server = server
-        self._endpoint = endpoint
-
-    @property
-    def endpoint(self) -> str:
-        return self._endpoint
-
-    @classmethod
-    async def start(cls, emulator: Emulator, server_id: int, port: int) -> _PlaceholderVoiceServer:
-        async def refuse(ws: ServerConnection) -> None:
-            await ws.close(4011, "this emulator build has no voice server yet")
-
-        server = await serve(
-            refuse,
-            emulator.host,
-            port,
-            ssl=emulator.server_ssl_context,
-            compression=None,
-            ping_interval=None,
-            close_timeout=emulator.close_timeout,
-        )
-        bound_port = server.sockets[0].getsockname()[1]
-        return cls(server, f"{emulator.url_host}:{bound_port}")
-
-    async def close(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
 
 
 def _is_loopback(host: str) -> bool:
@@ -149,6 +125,7 @@ class Emulator:
         voice_servers: int = 1,
         voice_ports: Sequence[int] = (),
         voice_server_factory: VoiceServerFactory | None = None,
+        voice_config: VoiceServerConfig | None = None,
         voice_server_update_first: bool = False,
         close_timeout: float = 2.0,
     ) -> None:
@@ -174,7 +151,10 @@ class Emulator:
         self.tls: TlsMaterial | None = None
         self._initial_voice_servers = voice_servers
         self._voice_ports = list(voice_ports)
-        self._voice_server_factory: VoiceServerFactory = voice_server_factory or _PlaceholderVoiceServer.start
+        self._voice_server_factory: VoiceServerFactory = voice_server_factory or EmulatedVoiceServer.start
+        self.voice_config = voice_config or VoiceServerConfig()
+        """The default configuration every new voice server starts with (each gets its own copy)."""
+        self.participants: list[Participant] = []
         self._server: Server | None = None
         self._started = False
 
@@ -229,7 +209,13 @@ class Emulator:
         )
 
     async def close(self) -> None:
-        """Close every socket, task, voice server and temporary file. Idempotent."""
+        """Close every participant, socket, task, voice server and temporary file. Idempotent."""
+        participants, self.participants = self.participants, []
+        for participant in participants:
+            try:
+                await participant.close()
+            except Exception:
+                logger.exception("a participant failed to close")
         await self.main_gateway.close()
         if self._server is not None:
             self._server.close()
@@ -457,3 +443,107 @@ class Emulator:
         for change in changes:
             self.main_gateway.hub.apply_voice_change(change)
         return changes
+
+    # ---- voice side: configuration, participants, inspection ---------------------------------------------
+
+    def voice_config_for(self, server_id: int) -> VoiceServerConfig:
+        """The configuration a new voice server starts with: a copy of :attr:`voice_config`."""
+        return dataclasses.replace(self.voice_config)
+
+    def voice_server(
+        self, server_id: int | None = None, *, guild_id: int | None = None
+    ) -> EmulatedVoiceServer:
+        """A running voice server: by id, the one serving ``guild_id``, or the only/first one."""
+        if guild_id is not None:
+            server_id = self.state.guild_voice_server(guild_id).id
+        if server_id is None:
+            if not self.voice_server_handles:
+                raise EmulatorError("no voice server is running")
+            server_id = min(self.voice_server_handles)
+        handle = self.voice_server_handles.get(server_id)
+        if not isinstance(handle, EmulatedVoiceServer):
+            raise EmulatorError(
+                f"voice server {server_id} is not an emulated voice server (or does not exist)"
+            )
+        return handle
+
+    def _emulated_voice_servers(self) -> list[EmulatedVoiceServer]:
+        return [h for h in self.voice_server_handles.values() if isinstance(h, EmulatedVoiceServer)]
+
+    def set_delivery_order(self, channel_id: int, seed: int | None, max_delay: float = 0.005) -> None:
+        """Shuffle the order (seeded) in which a channel's voice messages reach different connections.
+
+        Each batch of messages one input produces goes out per connection in a shuffled order, each
+        connection's share delayed by up to ``max_delay`` seconds; a connection's own messages keep their
+        order. ``seed=None`` turns it off.
+        """
+        for server in self._emulated_voice_servers():
+            server.set_delivery_order(channel_id, seed, max_delay)
+
+    def inspect(self, user_id: int, *, guild_id: int | None = None) -> ClientInspection:
+        """What the voice side saw ``user_id``'s newest voice session do (raises if it never connected)."""
+        found = [
+            inspection
+            for server in self._emulated_voice_servers()
+            if (inspection := server.inspect(user_id, guild_id=guild_id)) is not None
+        ]
+        if not found:
+            raise EmulatorError(f"user {user_id} never identified on a voice server")
+        return max(found, key=lambda inspection: (not inspection.ended, inspection.connections))
+
+    def admit_to_voice(
+        self, channel_id: int, *, name: str | None = None, self_mute: bool = False
+    ) -> VoiceSession:
+        """A new simulated user put in ``channel_id``; returns the voice session a client connects with.
+
+        :meth:`add_participant` uses it; a benchmark can hand the (picklable) session to another process and
+        call :meth:`Participant.from_session` there.
+        """
+        channel = self.state.channel(channel_id)
+        user = self.create_user(name or f"participant-{len(self.state.users) + 1}")
+        self.add_member(channel.guild_id, user.id)
+        change = self.set_voice_state(channel.guild_id, user.id, channel_id, self_mute=self_mute)
+        if change is None or change.issued is None:
+            raise EmulatorError(f"the emulator issued no voice session for user {user.id}")
+        return change.issued
+
+    async def add_participant(
+        self,
+        channel_id: int,
+        *,
+        name: str | None = None,
+        dave: bool = True,
+        check_user_ids: bool = True,
+        self_mute: bool = False,
+        fail_commits: int = 0,
+        timeout: float = 10.0,  # noqa: ASYNC109 - bounds the whole join
+    ) -> Participant:
+        """A simulated member joins ``channel_id``: voice state through the state, then the voice protocol.
+
+        Returns once its Session Description arrived (DAVE may still be forming: see
+        :meth:`Participant.wait_dave_ready`). ``dave=False`` offers DAVE version 0 (a DAVE channel refuses
+        it with 4017, raised as :class:`~cordvoice.errors.DaveRequiredError`). ``fail_commits`` makes its
+        first N op 29/op 30 fail on purpose (it answers op 31 and is re-added).
+        """
+        session = self.admit_to_voice(channel_id, name=name, self_mute=self_mute)
+
+        def leave() -> None:
+            if self.state.voice_state(session.guild_id, session.user_id) is not None:
+                self.set_voice_state(session.guild_id, session.user_id, None)
+
+        try:
+            participant = await Participant.from_session(
+                session,
+                ssl_context=self.client_ssl_context(),
+                dave=dave,
+                check_user_ids=check_user_ids,
+                name=self.state.user(session.user_id).name,
+                fail_commits=fail_commits,
+                timeout=timeout,
+            )
+        except BaseException:
+            leave()
+            raise
+        participant.on_leave = leave
+        self.participants.append(participant)
+        return participant
