@@ -1,0 +1,272 @@
+"""``Voice``: one per bot. It joins channels, keeps one :class:`~cordvoice.session.Session` per guild, and
+routes the main gateway's voice events (through a :class:`~cordvoice.gateway.adapter.VoiceAdapter`) to them.
+
+::
+
+    voice = Voice(client)                      # a cordvoice.gateway.Client, or any VoiceAdapter
+    session = await voice.join_channel(guild_id, channel_id)
+    await session.write(opus_frame)            # one 20 ms frame per call, paced by the shared clock
+    await session.stop_speaking()
+    await voice.leave(guild_id)
+    await voice.close()
+
+With discord.py, use ``await channel.connect(cls=cordvoice.discordpy.VoiceClient)`` or
+``Voice.from_discordpy(client)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl as ssl_module
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from cordvoice.errors import GatewayError, InvalidArgumentError, JoinTimeoutError, VoiceError
+from cordvoice.events import ReadyEvent
+from cordvoice.gateway.adapter import VoiceAdapter
+from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
+from cordvoice.reconnect import ReconnectConfig
+from cordvoice.session import Session, SessionConfig, SessionState
+from cordvoice.udp.connection import DialFunc
+
+if TYPE_CHECKING:
+    import discord
+
+__all__ = ["Voice"]
+
+logger = logging.getLogger(__name__)
+
+
+class Voice:
+    """A bot's voice: one per bot (per main-gateway connection).
+
+    ``ssl``: ``True`` (default) dials ``wss://`` with verified TLS; an ``ssl.SSLContext`` trusts what it
+    trusts (an emulator's CA); ``False`` dials plain ``ws://`` (only for a local emulator). ``dial`` supplies
+    UDP sockets (the seed's ``udp.DialFunc``). ``dave=False`` offers no DAVE (stage channels only: DAVE
+    channels refuse it with 4017). ``queue_frames`` bounds :meth:`Session.write`'s queue.
+    """
+
+    def __init__(
+        self,
+        adapter: VoiceAdapter,
+        *,
+        ssl: ssl_module.SSLContext | bool = True,
+        dial: DialFunc | None = None,
+        dave: bool = True,
+        queue_frames: int = 5,
+        reconnect: ReconnectConfig | None = None,
+        join_timeout: float = 30.0,
+        open_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
+        discovery_timeout: float = 5.0,
+        idle_grace: float = 0.2,
+    ) -> None:
+        if not isinstance(ssl, bool | ssl_module.SSLContext):
+            raise InvalidArgumentError("ssl must be True, False or an ssl.SSLContext")
+        if queue_frames < 1:
+            raise InvalidArgumentError("queue_frames must be at least 1")
+        if join_timeout <= 0:
+            raise InvalidArgumentError("join_timeout must be positive")
+        self._adapter = adapter
+        self.join_timeout = join_timeout
+        self._config = SessionConfig(
+            ssl=ssl,
+            dial=dial,
+            dave=dave,
+            queue_frames=queue_frames,
+            reconnect=reconnect or ReconnectConfig(),
+            open_timeout=open_timeout,
+            handshake_timeout=handshake_timeout,
+            discovery_timeout=discovery_timeout,
+            idle_grace=idle_grace,
+        )
+        self._sessions: dict[int, Session] = {}
+        self._joins: dict[int, asyncio.Lock] = {}
+        self._closed = False
+        self.listener_errors = 0
+        adapter.set_listener(self)
+
+    @classmethod
+    def from_discordpy(cls, client: discord.Client, **kwargs: Any) -> Voice:
+        """The one ``Voice`` of a discord.py client (created on first use with ``kwargs``)."""
+        from cordvoice.discordpy import voice_for  # noqa: PLC0415 - discord.py is optional
+
+        return voice_for(client, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<cordvoice.Voice sessions={sorted(self._sessions)}>"
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    @property
+    def adapter(self) -> VoiceAdapter:
+        return self._adapter
+
+    @property
+    def sessions(self) -> dict[int, Session]:
+        """Live sessions by guild id (a copy)."""
+        return dict(self._sessions)
+
+    def session(self, guild_id: int) -> Session | None:
+        return self._sessions.get(guild_id)
+
+    async def join_channel(
+        self,
+        guild_id: int,
+        channel_id: int,
+        *,
+        self_mute: bool = False,
+        self_deaf: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - the join's own deadline, as the seed names it
+    ) -> Session:
+        """Join (or move to) ``channel_id`` and return the guild's ready :class:`Session`.
+
+        Raises :class:`~cordvoice.errors.JoinTimeoutError` when Discord does not answer in ``timeout`` seconds
+        (default: the Voice's ``join_timeout``), :class:`~cordvoice.errors.DaveRequiredError` when the channel
+        demands DAVE this client cannot offer, and another :class:`~cordvoice.errors.VoiceError` when the join
+        fails for good. A failed join leaves nothing behind.
+        """
+        if self._closed:
+            raise VoiceError("this Voice is closed")
+        _check_id("guild_id", guild_id)
+        _check_id("channel_id", channel_id)
+        wait = self.join_timeout if timeout is None else timeout
+        lock = self._joins.setdefault(guild_id, asyncio.Lock())
+        async with lock:
+            existing = self._sessions.get(guild_id)
+            if existing is not None and not existing.closed:
+                return await self._move(existing, channel_id, self_mute, self_deaf, wait)
+            return await self._join(guild_id, channel_id, self_mute, self_deaf, wait)
+
+    async def leave(self, guild_id: int) -> None:
+        """Leave the guild's voice channel (no-op when not connected)."""
+        session = self._sessions.pop(guild_id, None)
+        if session is not None:
+            await session.disconnect()
+
+    async def close(self) -> None:
+        """Leave every channel and stop listening to the adapter."""
+        self._closed = True
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        await asyncio.gather(*(s.disconnect() for s in sessions), return_exceptions=True)
+        self._adapter.set_listener(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---- joining ---------------------------------------------------------------------------------
+
+    async def _join(
+        self, guild_id: int, channel_id: int, self_mute: bool, self_deaf: bool, wait: float
+    ) -> Session:
+        try:
+            user_id = self._adapter.user_id
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise GatewayError(f"the adapter does not know the bot's user id yet: {exc}") from exc
+        session = Session(
+            self._adapter,
+            guild_id=guild_id,
+            channel_id=channel_id,
+            user_id=user_id,
+            self_mute=self_mute,
+            self_deaf=self_deaf,
+            config=self._config,
+            on_closed=self._session_closed,
+        )
+        self._sessions[guild_id] = session
+        session.start()
+        try:
+            async with asyncio.timeout(wait):
+                await self._adapter.update_voice_state(
+                    guild_id, channel_id, self_mute=self_mute, self_deaf=self_deaf
+                )
+                await session.wait_ready()
+        except TimeoutError:
+            await self._abandon(session)
+            raise JoinTimeoutError(
+                f"joining voice channel {channel_id} in guild {guild_id} took longer than {wait:.1f} s: "
+                "check that the channel exists, is not full, and that the bot may connect to it"
+            ) from None
+        except BaseException:
+            await self._abandon(session)
+            raise
+        return session
+
+    async def _move(
+        self, session: Session, channel_id: int, self_mute: bool, self_deaf: bool, wait: float
+    ) -> Session:
+        if session.channel_id == channel_id and session.state is SessionState.READY:
+            return session
+        ready = asyncio.ensure_future(
+            session.wait_for(ReadyEvent, lambda event: event.channel_id == channel_id)
+        )
+        try:
+            async with asyncio.timeout(wait):
+                await self._adapter.update_voice_state(
+                    session.guild_id, channel_id, self_mute=self_mute, self_deaf=self_deaf
+                )
+                await ready
+        except TimeoutError:
+            raise JoinTimeoutError(
+                f"moving to voice channel {channel_id} in guild {session.guild_id} took longer than "
+                f"{wait:.1f} s"
+            ) from None
+        finally:
+            if not ready.done():
+                ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ready
+        return session
+
+    async def _abandon(self, session: Session) -> None:
+        if self._sessions.get(session.guild_id) is session:
+            del self._sessions[session.guild_id]
+        await session.disconnect()
+
+    def _session_closed(self, session: Session) -> None:
+        if self._sessions.get(session.guild_id) is session:
+            del self._sessions[session.guild_id]
+
+    # ---- VoiceEventListener ----------------------------------------------------------------------
+
+    def on_voice_state_update(self, event: VoiceStateUpdate) -> None:
+        """Route the bot's own voice states to its session (other users' are not needed here)."""
+        try:
+            if event.user_id != self._adapter.user_id:
+                return
+        except Exception:
+            return
+        session = self._sessions.get(event.guild_id)
+        if session is not None:
+            self._call(session._on_voice_state, event)
+
+    def on_voice_server_update(self, event: VoiceServerUpdate) -> None:
+        session = self._sessions.get(event.guild_id)
+        if session is not None:
+            self._call(session._on_voice_server, event)
+
+    def on_gateway_session_lost(self) -> None:
+        for session in list(self._sessions.values()):
+            self._call(session._on_gateway_session_lost)
+
+    def _call(self, method: Any, *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception:
+            self.listener_errors += 1
+            logger.exception("cordvoice failed to handle a main-gateway voice event")
+
+
+def _check_id(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 64:
+        raise InvalidArgumentError(f"{name} must be a positive integer snowflake, got {value!r}")

@@ -1,0 +1,210 @@
+"""The public surface on a scripted server: errors, timeouts, context managers, handlers, arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from cordvoice import (
+    DisconnectedError,
+    DisconnectedEvent,
+    GatewayError,
+    InvalidArgumentError,
+    JoinTimeoutError,
+    ReadyEvent,
+    Session,
+    SessionState,
+    SpeakingEvent,
+    Voice,
+)
+from cordvoice.gateway.events import VoiceStateUpdate
+
+from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer
+from .conftest import FAST_RECONNECT, LoopErrors, wait_until
+
+GUILD, CHANNEL = 5, 6
+
+
+def make_voice(adapter: FakeAdapter, **kwargs: object) -> Voice:
+    options: dict[str, object] = {"ssl": False, "reconnect": FAST_RECONNECT, "join_timeout": 5.0}
+    options.update(kwargs)
+    return Voice(adapter, **options)  # type: ignore[arg-type]
+
+
+async def test_client_join_timeout_leaves_nothing_behind(loop_errors: LoopErrors) -> None:
+    adapter = FakeAdapter("127.0.0.1:1", answer=False)
+    voice = make_voice(adapter)
+    with pytest.raises(JoinTimeoutError) as caught:
+        await voice.join_channel(GUILD, CHANNEL, timeout=0.2)
+    assert isinstance(caught.value, TimeoutError) and str(CHANNEL) in str(caught.value)
+    assert voice.sessions == {}
+    assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None)], "asked to join, then left"
+    await voice.close()
+    assert adapter.listener is None
+
+
+async def test_client_join_fails_cleanly_when_the_gateway_cannot_send(loop_errors: LoopErrors) -> None:
+    class Broken(FakeAdapter):
+        async def update_voice_state(self, guild_id: int, channel_id: int | None, **kwargs: bool) -> None:
+            raise GatewayError("not connected")
+
+    voice = make_voice(Broken("127.0.0.1:1"))
+    with pytest.raises(GatewayError):
+        await voice.join_channel(GUILD, CHANNEL)
+    assert voice.sessions == {}
+    await voice.close()
+
+
+async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server, make_voice(FakeAdapter(server.endpoint)) as voice:
+        with pytest.raises(InvalidArgumentError):
+            await voice.join_channel(0, CHANNEL)
+        with pytest.raises(InvalidArgumentError):
+            await voice.join_channel(GUILD, True)  # type: ignore[arg-type]
+        session = await voice.join_channel(GUILD, CHANNEL)
+        with pytest.raises(InvalidArgumentError):
+            await session.write(b"")
+        with pytest.raises(InvalidArgumentError):
+            await session.write("text")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            session.on(int, print)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError):
+        Voice(FakeAdapter("x:1"), queue_frames=0)
+
+
+async def test_client_context_managers_and_concurrent_disconnects(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server:
+        adapter = FakeAdapter(server.endpoint)
+        async with make_voice(adapter) as voice:
+            async with await voice.join_channel(GUILD, CHANNEL) as session:
+                assert session.state is SessionState.READY and voice.session(GUILD) is session
+            assert session.closed and voice.sessions == {}
+            again = await voice.join_channel(GUILD, CHANNEL)
+            ended: list[DisconnectedEvent] = []
+            again.on(DisconnectedEvent, ended.append)
+            await asyncio.gather(again.disconnect(), again.disconnect(), voice.leave(GUILD))
+            assert len(ended) == 1 and ended[0].error is None
+            assert adapter.requests.count((GUILD, None)) == 2, "one leave per session"
+            with pytest.raises(DisconnectedError):
+                await again.write(b"\xfc")
+            with pytest.raises(DisconnectedError):
+                await again.wait_for(ReadyEvent)
+            assert (await again.wait_for(DisconnectedEvent)) is ended[0]
+            await again.stop_speaking()  # a no-op once closed
+        assert server.close_codes.count(1000) == 2
+
+
+async def test_client_handler_failures_are_logged_not_lost(
+    loop_errors: LoopErrors, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder: list[RawConnection] = []
+
+    async def script(conn: RawConnection) -> None:
+        holder.append(conn)
+        while True:
+            await conn.recv_json(within=3600)
+
+    async with RawVoiceServer(script) as server, make_voice(FakeAdapter(server.endpoint)) as voice:
+        session = await voice.join_channel(GUILD, CHANNEL)
+        seen: list[SpeakingEvent] = []
+
+        async def async_broken(event: SpeakingEvent) -> None:
+            raise RuntimeError("async handler bug")
+
+        session.on(SpeakingEvent, lambda e: 1 / 0)
+        session.on(SpeakingEvent, async_broken)
+        unsubscribe = session.on(SpeakingEvent, seen.append)
+        with caplog.at_level(logging.ERROR, logger="cordvoice"):
+            await holder[0].send(5, {"user_id": "9", "ssrc": 90, "speaking": 1})
+            await wait_until(lambda: len(seen) == 1)
+            await wait_until(lambda: "async handler bug" in caplog.text)
+        assert "ZeroDivisionError" in caplog.text
+        unsubscribe()
+        await holder[0].send(5, {"user_id": "9", "ssrc": 91, "speaking": 1})
+        await wait_until(lambda: session.ssrc_users.get(91) == 9)
+        assert len(seen) == 1
+        assert session.state is SessionState.READY
+
+
+async def test_client_voice_ignores_other_users_and_stray_events(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server:
+        adapter = FakeAdapter(server.endpoint)
+        async with make_voice(adapter) as voice:
+            session: Session = await voice.join_channel(GUILD, CHANNEL)
+            assert adapter.listener is voice
+            other_user = VoiceStateUpdate(guild_id=GUILD, channel_id=None, user_id=999, session_id="x")
+            voice.on_voice_state_update(other_user)  # someone else left: not us
+            other_guild = VoiceStateUpdate(
+                guild_id=77, channel_id=None, user_id=adapter.user_id, session_id="x"
+            )
+            voice.on_voice_state_update(other_guild)
+            await asyncio.sleep(0.05)
+            assert session.state is SessionState.READY
+
+
+async def test_client_null_endpoint_immediately_followed_by_a_new_one(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as first, RawVoiceServer() as second:
+        adapter = FakeAdapter(first.endpoint)
+        async with make_voice(adapter) as voice:
+            session = await voice.join_channel(GUILD, CHANNEL)
+            ready = asyncio.ensure_future(session.wait_for(ReadyEvent, timeout=5))
+            adapter.announce_server(GUILD, endpoint=None)
+            adapter.endpoint = second.endpoint
+            adapter.announce_server(GUILD)  # in the same loop iteration as the null one
+            event = await ready
+            assert event.endpoint == second.endpoint and session.state is SessionState.READY
+            assert session.stats.moves == 1
+
+
+async def test_client_second_rejoin_leaves_and_joins_without_taking_its_echo_for_a_kick(
+    loop_errors: LoopErrors,
+) -> None:
+    async def script(conn: RawConnection) -> None:
+        if len(conn.server.connections) <= 2:
+            await conn.ws.close(4006, "session no longer valid")
+            return
+        while True:
+            await conn.recv_json(within=3600)
+
+    async with RawVoiceServer(script) as server:
+        adapter = FakeAdapter(server.endpoint)
+        async with make_voice(adapter) as voice:
+            session = await voice.join_channel(GUILD, CHANNEL)
+            await wait_until(lambda: len(server.connections) == 3 and session.state is SessionState.READY)
+            assert adapter.requests == [
+                (GUILD, CHANNEL),  # the join
+                (GUILD, CHANNEL),  # rejoin 1: op 4 again
+                (GUILD, None),  # rejoin 2: leave ...
+                (GUILD, CHANNEL),  # ... and join, for a certainly new token
+            ]
+            assert session.stats.reconnects == 2 and not session.closed
+            # The expectation of our own leave's echo is gone: a real kick still ends the session.
+            adapter._answer(GUILD, None)
+            final = await session.wait_closed()
+            assert "removed from the voice channel" in final.reason
+
+
+async def test_client_replies_lost_with_the_socket_are_sent_after_the_resume(loop_errors: LoopErrors) -> None:
+    async def script(conn: RawConnection) -> None:
+        if len(conn.server.connections) == 1:
+            await conn.ws.close(4015, "crashed right after Session Description")
+            return
+        while True:
+            await conn.recv_json(within=3600)
+
+    async with (
+        RawVoiceServer(script, dave_version=1) as server,
+        make_voice(FakeAdapter(server.endpoint)) as voice,
+    ):
+        session = await voice.join_channel(GUILD, CHANNEL)
+        await wait_until(lambda: len(server.connections) == 2 and session.state is SessionState.READY)
+        resumed = server.connections[1].received
+        await wait_until(lambda: any(isinstance(m, bytes) and m[:1] == b"\x1a" for m in resumed))
+        ops = [
+            m["op"] if isinstance(m, dict) else m[0]
+            for m in resumed
+            if not (isinstance(m, dict) and m["op"] == 3)
+        ]
+        assert ops[:3] == [7, 5, 26], "Resume, then the op 5 and key package that never went out"

@@ -1,0 +1,228 @@
+"""The transmit lane on the real shared clock: pacing, silence tail, underrun, DAVE/transport waits, queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+
+from cordvoice.audio.clock import get_clock
+from cordvoice.audio.transmit import SILENCE_FRAMES, FrameQueue, TransmitLane
+from cordvoice.errors import DisconnectedError, InvalidArgumentError
+from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher
+from cordvoice.udp.rtp import OPUS_SILENCE
+from cordvoice.udp.sender import RtpSender
+
+from .conftest import wait_until
+
+CIPHER = make_cipher(MODE_AES256_GCM, bytes(32))
+
+
+@dataclass
+class FakeDave:
+    """Stands in for DaveClient: required or not, ready or not, and a visible 'encryption'."""
+
+    dave_required: bool = True
+    ready: bool = False
+    fail: bool = False
+    encrypted: int = 0
+
+    def encrypt(self, opus: bytes) -> bytes | None:
+        if opus == OPUS_SILENCE or not self.dave_required:
+            return opus
+        if not self.ready or self.fail:
+            return None
+        self.encrypted += 1
+        return b"E" + opus
+
+
+@dataclass
+class Wire:
+    packets: list[tuple[int, int, bytes]] = field(default_factory=list)
+    speaking: list[bool] = field(default_factory=list)
+    up: bool = True
+
+    def send(self, datagram: bytes) -> bool:
+        if not self.up:
+            return False
+        header, payload = CIPHER.open_rtp(datagram)
+        self.packets.append((header.sequence, header.timestamp, payload))
+        return True
+
+    def payloads(self) -> list[bytes]:
+        return [p for _, _, p in self.packets]
+
+
+def make_lane(wire: Wire, *, grace: float = 0.1) -> TransmitLane:
+    return TransmitLane(get_clock(), send=wire.send, set_speaking=wire.speaking.append, idle_grace=grace)
+
+
+async def test_client_lane_sends_in_order_then_silence_then_goes_idle() -> None:
+    wire, queue = Wire(), FrameQueue(3)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    lane.attach(RtpSender(1, CIPHER, sequence=65530, timestamp=2**32 - 1920), None)
+    frames = [bytes([i]) * 20 for i in range(12)]
+    async with asyncio.timeout(5):
+        for frame in frames:
+            await queue.put(frame)
+            lane.wake()
+        assert len(queue) <= 3, "bounded: the writer waited"
+        await lane.stop()
+    assert wire.payloads() == [*frames, *([OPUS_SILENCE] * SILENCE_FRAMES)]
+    sequences = [s for s, _, _ in wire.packets]
+    assert sequences == [(65530 + i) & 0xFFFF for i in range(17)], "contiguous across the wrap"
+    stamps = [t for _, t, _ in wire.packets]
+    assert all((b - a) & 0xFFFF_FFFF == 960 for a, b in itertools.pairwise(stamps))
+    assert wire.speaking == [True, False]
+    assert not lane.active and get_clock().subscribers == 0
+    assert lane.stats.frames_sent == 12 and lane.stats.silence_sent == 5 and lane.stats.underruns == 0
+    assert lane.lateness().count >= 17
+
+
+async def test_client_lane_underrun_tail_grace_and_timestamp_gap() -> None:
+    wire, queue = Wire(), FrameQueue(5)
+    lane = make_lane(wire, grace=0.06)
+    lane.set_provider(queue)
+    lane.attach(RtpSender(1, CIPHER), None)
+    for frame in (b"a", b"b"):
+        await queue.put(frame)
+    lane.wake()
+    await wait_until(lambda: not lane.active)
+    assert wire.payloads() == [b"a", b"b", *([OPUS_SILENCE] * 5)]
+    assert wire.speaking == [True, False] and lane.stats.underruns == 1
+    last_ts = wire.packets[-1][1]
+    await asyncio.sleep(0.2)
+    await queue.put(b"c")
+    lane.wake()
+    await lane.stop()
+    sequence, timestamp, payload = wire.packets[7]
+    assert payload == b"c" and sequence == wire.packets[6][0] + 1, "sequence numbers stay contiguous"
+    gap_frames = ((timestamp - last_ts) & 0xFFFF_FFFF) // 960
+    assert 10 <= gap_frames <= 30, "the timestamp advanced with wall time while idle"
+    assert wire.speaking == [True, False, True, False]
+
+
+async def test_client_lane_does_not_pull_while_dave_is_not_ready() -> None:
+    wire, queue = Wire(), FrameQueue(2)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    dave = FakeDave()
+    lane.attach(RtpSender(1, CIPHER), dave)  # type: ignore[arg-type]
+    writer = asyncio.ensure_future(asyncio.gather(*(queue.put(bytes([i])) for i in range(4))))
+    lane.wake()
+    await asyncio.sleep(0.15)
+    assert len(queue) == 2 and not writer.done(), "frames wait in the queue; the writer is held"
+    assert wire.packets == [] and lane.stats.dave_withheld >= 5 and lane.active
+    dave.ready = True
+    async with asyncio.timeout(5):
+        await writer
+        await lane.stop()
+    assert wire.payloads()[:4] == [b"E\x00", b"E\x01", b"E\x02", b"E\x03"]
+    assert dave.encrypted == 4 and lane.stats.dropped == 0
+
+
+async def test_client_lane_silence_only_while_dave_becomes_unready_mid_stream() -> None:
+    wire, queue = Wire(), FrameQueue(5)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    dave = FakeDave(ready=True)
+    lane.attach(RtpSender(1, CIPHER), dave)  # type: ignore[arg-type]
+    await queue.put(b"x")
+    lane.wake()
+    await wait_until(lambda: wire.payloads() == [b"Ex"])
+    dave.ready = False  # a recovery: the group is being rebuilt
+    for frame in (b"y", b"z"):
+        await queue.put(frame)
+    await asyncio.sleep(0.2)
+    assert wire.payloads() == [b"Ex", *([OPUS_SILENCE] * 5)], "only the silence tail, nothing in clear"
+    dave.ready = True
+    await lane.stop()
+    assert wire.payloads()[6:8] == [b"Ey", b"Ez"]
+
+
+async def test_client_lane_waits_without_transport_and_continues_numbering() -> None:
+    wire, queue = Wire(), FrameQueue(5)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    lane.attach(RtpSender(1, CIPHER, sequence=100), None)
+    await queue.put(b"1")
+    lane.wake()
+    await wait_until(lambda: len(wire.packets) == 1)
+    lane.detach()
+    await queue.put(b"2")
+    await asyncio.sleep(0.1)
+    assert len(wire.packets) <= 6 and len(queue) == 1 and lane.stats.no_transport > 0
+    continuation = lane.continuation()
+    assert continuation is not None
+    sequence, _ = continuation
+    lane.attach(RtpSender(2, CIPHER, sequence=sequence, timestamp=continuation[1]), None)
+    await lane.stop()
+    assert b"2" in wire.payloads()
+    new_first = next(s for s, _, p in wire.packets if p == b"2")
+    assert new_first == wire.packets[0][0] + 1
+
+
+async def test_client_lane_counts_dropped_frames() -> None:
+    wire, queue = Wire(), FrameQueue(5)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    dave = FakeDave(ready=True, fail=True)
+    lane.attach(RtpSender(1, CIPHER), dave)  # type: ignore[arg-type]
+    await queue.put(b"will-fail")
+    await queue.put(b"x" * 5000)  # larger than any 20 ms Opus packet
+    lane.wake()
+    await lane.stop()
+    assert lane.stats.dropped == 2 and lane.stats.frames_sent == 0
+    wire.up = False
+    dave.fail = False
+    await queue.put(b"socket-closed")
+    lane.wake()
+    await lane.stop()
+    assert lane.stats.dropped == 3
+
+
+async def test_client_lane_close_releases_stop_waiters() -> None:
+    lane = make_lane(Wire())
+    queue = FrameQueue(2)
+    lane.set_provider(queue)
+    await queue.put(b"x")
+    stopping = asyncio.ensure_future(lane.stop())  # no transport: it would wait
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    lane.close()
+    async with asyncio.timeout(1):
+        await stopping
+    assert get_clock().subscribers == 0
+
+
+async def test_client_frame_queue_backpressure_close_and_cancel() -> None:
+    queue = FrameQueue(2)
+    with pytest.raises(InvalidArgumentError):
+        FrameQueue(0)
+    await queue.put(b"1")
+    await queue.put(b"2")
+    third = asyncio.ensure_future(queue.put(b"3"))
+    fourth = asyncio.ensure_future(queue.put(b"4"))
+    await asyncio.sleep(0)
+    assert not third.done()
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    assert queue.pull() == b"1"
+    await asyncio.sleep(0)
+    assert fourth.done(), "a cancelled writer does not swallow the wake-up"
+    assert [queue.pull(), queue.pull(), queue.pull()] == [b"2", b"4", None]
+    empty = asyncio.ensure_future(queue.wait_empty())
+    await asyncio.sleep(0)
+    assert empty.done()
+    await queue.put(b"5")
+    await queue.put(b"6")
+    blocked = asyncio.ensure_future(queue.put(b"7"))
+    await asyncio.sleep(0)
+    assert queue.clear() == 2
+    await blocked
+    assert queue.close(DisconnectedError("gone")) == 1
+    with pytest.raises(DisconnectedError):
+        await queue.put(b"8")
