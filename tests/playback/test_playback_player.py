@@ -1,0 +1,403 @@
+"""The player driven directly through ``pull()``, the way a transmit lane drives it (no session needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cordvoice.audio.opus import packet_samples
+from cordvoice.audio.pcm import FRAME_BYTES, SAMPLE_RATE
+from cordvoice.audio.player import Player
+from cordvoice.audio.samples import tone, write_demo_ogg
+from cordvoice.audio.sources import AsyncAudioSource, AudioSource
+from cordvoice.audio.track import (
+    START_FRAMES,
+    TrackEndEvent,
+    TrackErrorEvent,
+    TrackEvent,
+    TrackStartEvent,
+    TrackState,
+)
+from cordvoice.errors import AudioError, InvalidArgumentError
+
+from .playback_helpers import (
+    decode_packets,
+    frame_levels,
+    opus_packets,
+    pull_n,
+    pull_until_done,
+    to_mono,
+    tone_level,
+    write_mp3,
+)
+
+
+@pytest.fixture
+def ogg(tmp_path: Path) -> Path:
+    path = tmp_path / "demo.ogg"
+    write_demo_ogg(path, 1.0)
+    return path
+
+
+def audible(packets: list[bytes | None]) -> list[bytes]:
+    return [p for p in packets if p is not None]
+
+
+class CountingSource(AudioSource):
+    """PCM from bytes that records open/close calls and can fail or stall on demand."""
+
+    kind = "pcm"
+
+    def __init__(self, pcm: bytes, *, fail_after: int | None = None, delay_first: float = 0.0) -> None:
+        self.pcm = pcm
+        self.position = 0
+        self.reads = 0
+        self.opened = 0
+        self.closed = 0
+        self.fail_after = fail_after
+        self.delay_first = delay_first
+        self.name = "counting"
+        self.threads: set[str] = set()
+
+    def open(self) -> None:
+        self.opened += 1
+
+    def read(self) -> bytes | None:
+        self.threads.add(threading.current_thread().name)
+        if self.fail_after is not None and self.reads >= self.fail_after:
+            raise OSError("disk on fire")
+        if self.reads == 0 and self.delay_first:
+            time.sleep(self.delay_first)
+        self.reads += 1
+        chunk = self.pcm[self.position : self.position + FRAME_BYTES]
+        self.position += len(chunk)
+        return chunk or None
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+async def test_single_opus_track_is_passed_through_byte_for_byte(ogg: Path) -> None:
+    player = Player()
+    events: list[TrackEvent] = []
+    player.on(TrackEvent, events.append)
+    track = player.play(ogg)
+    out = await pull_until_done(player)
+    assert await track.wait() is TrackState.FINISHED
+    assert audible(out) == opus_packets(ogg)
+    assert player.stats.passthrough_frames == len(opus_packets(ogg))
+    assert player.stats.encoded_frames == 0
+    assert [type(e) for e in events] == [TrackStartEvent, TrackEndEvent]
+    assert track.frames_passthrough == len(opus_packets(ogg))
+    player.close()
+
+
+async def test_pcm_is_encoded_off_the_loop_and_sounds_like_the_source(tmp_path: Path) -> None:
+    pcm = tone(1000, 1.0, amplitude=0.5)
+    player = Player(bitrate=128_000)
+    source = CountingSource(pcm)
+    track = player.play(source)
+    out = await pull_until_done(player)
+    await track.wait()
+    packets = audible(out)
+    assert all(packet_samples(p) == 960 for p in packets)
+    assert len(packets) == 50
+    decoded = to_mono(decode_packets(packets))
+    assert tone_level(decoded, 1000) == pytest.approx(0.5, rel=0.05)
+    assert source.opened == 1
+    assert source.closed == 1
+    assert all(name.startswith("cordvoice-source") for name in source.threads)
+    assert player.stats.encoded_frames == 50
+    player.close()
+
+
+async def test_two_tracks_are_mixed_and_a_lone_opus_track_returns_to_passthrough(ogg: Path) -> None:
+    player = Player(bitrate=128_000)
+    low = player.play(tone(440, 0.6, amplitude=0.3))
+    high = player.play(tone(2000, 0.6, amplitude=0.2))
+    out = await pull_until_done(player)
+    await asyncio.gather(low.wait(), high.wait())
+    mono = to_mono(decode_packets(audible(out)))
+    assert tone_level(mono, 440) == pytest.approx(0.3, rel=0.1)
+    assert tone_level(mono, 2000) == pytest.approx(0.2, rel=0.1)
+    assert player.stats.passthrough_frames == 0
+
+    opus = player.play(ogg)
+    beep = player.play(tone(600, 0.2))
+    out = await pull_until_done(player)
+    await asyncio.gather(opus.wait(), beep.wait())
+    packets = opus_packets(ogg)
+    # Mixed while the beep plays, then the Ogg's own packets again, byte for byte, to the end.
+    tail = audible(out)[-20:]
+    assert tail == packets[-20:]
+    assert player.stats.passthrough_frames >= len(packets) - 20
+    player.close()
+
+
+async def test_volume_pause_resume_and_stop(ogg: Path) -> None:
+    player = Player()
+    track = player.play(tone(800, 5.0, amplitude=0.4))
+    first = await pull_n(player, 40)
+    track.volume = 0.25
+    second = await pull_n(player, 40)
+    track.pause()
+    assert track.state is TrackState.PAUSED
+    paused = await pull_n(player, 20)
+    track.resume()
+    resumed = await pull_n(player, 20)
+    before_stop = track.position
+    track.stop()
+    after_stop = await pull_n(player, 5)
+    assert track.state is TrackState.STOPPED
+    assert await track.wait() is TrackState.STOPPED
+
+    full = frame_levels(decode_packets(audible(first)[-20:]))
+    quiet = frame_levels(decode_packets(audible(second)[-20:]))
+    assert np.median(quiet) / np.median(full) == pytest.approx(0.25, rel=0.1)
+    assert sum(p is not None for p in paused) <= 4  # the lookahead plays out, then nothing
+    assert paused[-10:] == [None] * 10
+    assert sum(p is not None for p in resumed) >= 15
+    assert after_stop == [None] * 5
+    assert 2.0 < before_stop < 3.0
+    with pytest.raises(InvalidArgumentError):
+        track.volume = 3.0
+    player.close()
+
+
+async def test_seek_moves_the_position_and_the_audio(tmp_path: Path) -> None:
+    # One second at 300 Hz, then one at 1200 Hz: after seeking to 1.2 s only 1200 Hz is left.
+    pcm = tone(300, 1.0, amplitude=0.4) + tone(1200, 1.0, amplitude=0.4)
+    mp3 = write_mp3(tmp_path / "two.mp3", pcm)
+    player = Player(bitrate=128_000)
+    track = player.play(mp3)
+    await pull_n(player, 10)
+    assert track.seekable
+    await track.seek(1.2)
+    assert track.position == pytest.approx(1.2)
+    out = await pull_until_done(player)
+    assert await track.wait() is TrackState.FINISHED
+    mono = to_mono(decode_packets(audible(out)))[4800:]
+    assert tone_level(mono, 1200) > 0.3
+    assert tone_level(mono, 300) < 0.02
+    assert 36 <= len(audible(out)) <= 45
+
+    unseekable = player.play(_trickle([bytes(FRAME_BYTES)] * 50))
+    with pytest.raises(AudioError):
+        await unseekable.seek(1.0)
+    unseekable.stop()
+    player.close()
+
+
+async def _agen(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def _trickle(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    return _agen(chunks)
+
+
+async def test_loop_repeats_a_seekable_source() -> None:
+    pcm = tone(700, 0.2)
+    player = Player()
+    track = player.play(pcm, loop=True)
+    out = await pull_n(player, 60)
+    assert track.loops >= 3
+    assert track.state is TrackState.PLAYING
+    track.loop = False
+    rest = await pull_until_done(player)
+    assert await track.wait() is TrackState.FINISHED
+    produced = audible(out) + audible(rest)
+    assert len(produced) % 10 == 0  # whole 200 ms repetitions
+    assert len(produced) >= 50
+    player.close()
+
+
+async def test_queue_advances_gaplessly(ogg: Path, tmp_path: Path) -> None:
+    player = Player()
+    starts: list[str] = []
+    player.on(TrackStartEvent, lambda e: starts.append(e.track.name))
+    a = player.enqueue(tone(400, 0.4), name="a")
+    b = player.enqueue(tone(500, 0.4), name="b")
+    c = player.enqueue(ogg, name="c")
+    d = player.enqueue(ogg, name="d")
+    assert player.current is a
+    assert player.queue == (b, c, d)
+    assert b.state is TrackState.QUEUED
+    out = await pull_until_done(player)
+    for track in (a, b, c, d):
+        assert await track.wait() is TrackState.FINISHED
+    assert starts == ["a", "b", "c", "d"]
+    first = next(i for i, p in enumerate(out) if p is not None)
+    last = max(i for i, p in enumerate(out) if p is not None)
+    gaps = [i for i in range(first, last) if out[i] is None]
+    assert len(gaps) <= 1  # PCM -> Opus passthrough may cost one tick; PCM -> PCM and Opus -> Opus none
+    assert audible(out)[-len(opus_packets(ogg)) :] == opus_packets(ogg)
+    player.close()
+
+
+async def test_skip_and_clear_queue() -> None:
+    player = Player()
+    a = player.enqueue(tone(400, 5.0))
+    b = player.enqueue(tone(500, 5.0))
+    c = player.enqueue(tone(600, 5.0))
+    await pull_n(player, 10)
+    assert player.skip() is a
+    assert a.state is TrackState.STOPPED
+    assert player.current is b
+    player.clear_queue()
+    assert c.state is TrackState.STOPPED
+    assert player.queue == ()
+    player.stop()
+    assert b.state is TrackState.STOPPED
+    assert await pull_n(player, 3) == [None] * 3
+    player.close()
+
+
+async def test_a_failing_source_ends_its_track_and_the_rest_plays_on() -> None:
+    player = Player()
+    errors: list[TrackErrorEvent] = []
+    player.on(TrackErrorEvent, errors.append)
+    broken = CountingSource(tone(300, 2.0), fail_after=30)
+    good = player.play(tone(900, 1.0))
+    bad = player.play(broken)
+    out = await pull_until_done(player)
+    with pytest.raises(AudioError) as caught:
+        await bad.wait()
+    assert isinstance(caught.value.__cause__, OSError)
+    assert bad.state is TrackState.FAILED
+    assert bad.error is caught.value
+    assert await good.wait() is TrackState.FINISHED
+    assert len(audible(out)) >= 50
+    assert [e.track for e in errors] == [bad]
+    assert broken.closed == 1
+    assert player.stats.source_errors == 1
+
+    missing = player.play("/nonexistent/file.mp3")
+    with pytest.raises(AudioError):
+        async with asyncio.timeout(5):
+            await missing.wait()
+    player.close()
+
+
+async def test_a_slow_start_never_makes_playback_run_fast() -> None:
+    player = Player()
+    source = CountingSource(tone(600, 1.0), delay_first=0.3)
+    track = player.play(source)
+    out = await pull_n(player, 20, interval=0.02)
+    assert out[:10] == [None] * 10  # 200 ms of nothing while the source is stalled
+    rest = await pull_until_done(player, interval=0.02)
+    await track.wait()
+    stream = out + rest
+    first = next(i for i, p in enumerate(stream) if p is not None)
+    played = stream[first : first + 50]
+    assert None not in played  # once started, one frame per tick: no burst, no hole
+    assert len(audible(stream)) == 50
+    assert track.underruns == 0
+
+
+async def test_async_sources_and_custom_opus_sources() -> None:
+    player = Player()
+    chunks = [tone(440, 0.5)[i : i + 1000] for i in range(0, 96_000, 1000)]  # odd sizes are re-chunked
+    track = player.play(_trickle(chunks))
+    out = await pull_until_done(player)
+    await track.wait()
+    assert len(audible(out)) == 25
+
+    class WrongFrames(AudioSource):
+        kind = "opus"
+
+        def read(self) -> bytes | None:
+            return b"\x00" + bytes(40)  # a 10 ms SILK packet: not allowed
+
+    bad = player.play(WrongFrames())
+    with pytest.raises(AudioError, match="20 ms"):
+        async with asyncio.timeout(5):
+            await bad.wait()
+
+    class Ticker(AsyncAudioSource):
+        kind = "pcm"
+
+        def __init__(self) -> None:
+            self.count = 0
+            self.closed = False
+
+        async def read(self) -> bytes | None:
+            await asyncio.sleep(0.001)
+            self.count += 1
+            return None if self.count > 30 else tone(1000, 0.02)
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    ticker = Ticker()
+    track = player.play(ticker)
+    out = await pull_until_done(player)
+    await track.wait()
+    assert len(audible(out)) == 30
+    assert ticker.closed
+    player.close()
+
+
+async def test_closing_the_player_stops_tracks_and_closes_sources() -> None:
+    player = Player()
+    sources = [CountingSource(tone(300 + 100 * i, 3.0)) for i in range(3)]
+    tracks = [player.play(s) for s in sources]
+    await pull_n(player, 10)
+    player.close()
+    for track in tracks:
+        assert await track.wait() is TrackState.STOPPED
+    async with asyncio.timeout(5):
+        while any(s.closed == 0 for s in sources):
+            await asyncio.sleep(0.01)
+    assert [s.closed for s in sources] == [1, 1, 1]
+    assert player.pull() is None
+    with pytest.raises(AudioError):
+        player.play(b"")
+
+
+async def test_start_threshold_constant_is_a_few_frames() -> None:
+    assert 2 <= START_FRAMES <= 10
+    assert SAMPLE_RATE == 48_000
+
+
+async def test_start_offset_seeks_first_and_fails_on_unseekable_sources() -> None:
+    pcm = tone(300, 1.0, amplitude=0.4) + tone(1200, 1.0, amplitude=0.4)
+    player = Player(bitrate=128_000)
+    track = player.play(pcm, start=1.0)
+    out = await pull_until_done(player)
+    assert await track.wait() is TrackState.FINISHED
+    assert len(audible(out)) == 50
+    mono = to_mono(decode_packets(audible(out)))[4800:]
+    assert tone_level(mono, 1200) > 0.3
+
+    with pytest.raises(InvalidArgumentError):
+        player.play(_trickle([bytes(FRAME_BYTES)] * 10), start=1.0)
+    live = player.play(_trickle([bytes(FRAME_BYTES)] * 10))
+    assert live.state is TrackState.LOADING
+    with pytest.raises(InvalidArgumentError):
+        live.loop = True
+    live.stop()
+    player.close()
+
+
+async def test_loud_mixes_are_soft_clipped_not_wrapped() -> None:
+    player = Player(bitrate=128_000)
+    a = player.play(tone(300, 1.0, amplitude=0.7))
+    b = player.play(tone(500, 1.0, amplitude=0.7))
+    out = await pull_until_done(player)
+    await asyncio.gather(a.wait(), b.wait())
+    pcm = np.frombuffer(decode_packets(audible(out)), dtype="<i2").astype(np.float64) / 32768.0
+    assert np.abs(pcm).max() <= 1.0
+    # Wrapping would flip loud peaks to the opposite sign and spray energy everywhere; soft clipping keeps
+    # both tones dominant.
+    mono = to_mono(decode_packets(audible(out)))[4800:-4800]
+    assert tone_level(mono, 300) > 0.5
+    assert tone_level(mono, 500) > 0.5
+    player.close()

@@ -1,0 +1,150 @@
+"""Sources on their own: what each one reads, how it seeks, and how ``open_source`` chooses."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from cordvoice.audio.pcm import FRAME_BYTES
+from cordvoice.audio.samples import tone, write_demo_ogg
+from cordvoice.audio.sources import (
+    AsyncFramesSource,
+    AutoSource,
+    DCASource,
+    FramesSource,
+    OpusFileSource,
+    PCMSource,
+    PyAVSource,
+    open_source,
+)
+from cordvoice.errors import AudioError, InvalidArgumentError
+
+from .playback_helpers import dca_bytes, encode_frames, opus_packets, write_audio, write_mp3
+
+
+@pytest.fixture
+def ogg(tmp_path: Path) -> Path:
+    path = tmp_path / "demo.ogg"
+    write_demo_ogg(path, 1.0)
+    return path
+
+
+def test_opus_file_source_passes_packets_through(ogg: Path) -> None:
+    with OpusFileSource(ogg) as source:
+        assert source.kind == "opus"
+        assert list(source) == opus_packets(ogg)
+        assert source.duration == pytest.approx(1.0, abs=0.03)
+
+
+def test_webm_opus_is_passed_through(tmp_path: Path) -> None:
+    path = tmp_path / "tone.webm"
+    path.write_bytes(write_audio(tone(440, 0.5), "webm", "libopus"))
+    with AutoSource(path) as source:
+        assert source.kind == "opus"
+        assert list(source) == opus_packets(path)
+
+
+def test_opus_file_seek_lands_on_the_packet_at_that_time(ogg: Path) -> None:
+    packets = opus_packets(ogg)
+    with OpusFileSource(ogg) as source:
+        assert source.seekable
+        source.seek(0.5)
+        rest = list(source)
+    assert rest == packets[-len(rest) :]
+    assert abs(len(rest) - (len(packets) - 25)) <= 1
+
+
+def test_auto_source_decodes_what_it_cannot_pass_through(tmp_path: Path) -> None:
+    mp3 = write_mp3(tmp_path / "a.mp3", tone(440, 0.5))
+    with AutoSource(mp3) as source:
+        assert source.kind == "pcm"
+        assert isinstance(source.inner, PyAVSource)
+        frames = list(source)
+    assert all(len(f) == FRAME_BYTES for f in frames)
+    assert 24 <= len(frames) <= 28
+    # 60 ms Opus packets cannot go to Discord as they are: decoded instead.
+    long_packets = tmp_path / "long.ogg"
+    long_packets.write_bytes(_ogg_with_frame_duration(60))
+    with AutoSource(long_packets) as source:
+        assert source.kind == "pcm"
+
+
+def _ogg_with_frame_duration(ms: int) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=48_000)
+        stream.layout = "stereo"
+        stream.codec_context.options = {"frame_duration": str(ms)}
+        frame = av.AudioFrame.from_ndarray(
+            np.frombuffer(tone(440, 0.5), dtype="<i2").reshape(1, -1), format="s16", layout="stereo"
+        )
+        frame.sample_rate = 48_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_dca_source_reads_and_seeks(tmp_path: Path) -> None:
+    pcm = tone(330, 1.0)
+    frames = encode_frames(pcm)
+    path = tmp_path / "a.dca"
+    path.write_bytes(dca_bytes(pcm))
+    with AutoSource(path) as source:
+        assert source.kind == "opus"
+        assert list(source) == frames
+    with DCASource(io.BytesIO(dca_bytes(pcm))) as source:
+        assert source.seekable
+        source.seek(0.4)
+        assert list(source) == frames[20:]
+
+
+def test_pcm_source_from_bytes_file_and_path(tmp_path: Path) -> None:
+    pcm = tone(500, 0.3)
+    path = tmp_path / "raw.pcm"
+    path.write_bytes(pcm)
+    for raw in (pcm, io.BytesIO(pcm), path):
+        with PCMSource(raw) as source:
+            assert source.seekable
+            assert b"".join(source) == pcm
+            source.seek(0.1)
+            assert b"".join(source) == pcm[19200:]
+    assert PCMSource(pcm).duration == pytest.approx(0.3)
+    with pytest.raises(InvalidArgumentError):
+        PCMSource(b"\x00\x01\x02")
+
+
+def test_open_source_sniffs_containers_and_wraps_iterables(ogg: Path) -> None:
+    data = ogg.read_bytes()
+    assert isinstance(open_source(data), AutoSource)
+    assert isinstance(open_source(io.BytesIO(data)), AutoSource)
+    assert isinstance(open_source(data, kind="pcm"), PCMSource)
+    assert isinstance(open_source(bytes(FRAME_BYTES)), PCMSource)
+    assert isinstance(open_source(str(ogg)), AutoSource)
+    assert isinstance(open_source([b"x"], kind="opus"), FramesSource)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b""
+
+    wrapped = open_source(chunks())
+    assert isinstance(wrapped, AsyncFramesSource)
+    assert wrapped.kind == "pcm"
+    with pytest.raises(InvalidArgumentError):
+        open_source(42)  # type: ignore[arg-type]
+
+
+def test_unreadable_files_raise_audio_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.mp3"
+    with pytest.raises(AudioError):
+        AutoSource(missing).open()
+    garbage = tmp_path / "garbage.ogg"
+    garbage.write_bytes(b"OggS" + bytes(100))
+    source = AutoSource(garbage)
+    with pytest.raises(AudioError):
+        source.open()
+        list(source)
+    source.close()
