@@ -21,7 +21,11 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: name -> (module path, one-line help). Keep the help short: it is the ``cordvoice --help`` listing.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("cordvoice.commands.demo", "a DAVE-encrypted conversation on the local emulator, recorded"),
+    "play": ("cordvoice.commands.play", "play a file or URL in a voice channel"),
+    "record": ("cordvoice.commands.record", "record a voice channel to WAV and Ogg Opus files"),
     "doctor": ("cordvoice.commands.doctor", "check that every dependency works on this machine"),
+    "emulate": ("cordvoice.commands.emulate", "run the local Discord emulator, or inject faults into one"),
 }
 
 _Run = Callable[[argparse.Namespace], int]

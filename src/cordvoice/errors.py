@@ -87,6 +87,15 @@ class DaveKeyPendingError(DaveDecryptError):
     retryable = True
 
 
+class FrameDecodeError(ProtocolError):
+    """A voice gateway frame is not a message at all: not JSON, not an object with an integer ``op``, an empty
+    binary frame, or a frame of the wrong kind (text or binary) for its opcode.
+
+    The voice gateway answers these with 4002 ("failed to decode payload"); a well-framed message of a known
+    opcode whose fields are wrong raises plain :class:`ProtocolError` and gets 4020 ("bad request").
+    """
+
+
 __all__ = [
     "AudioError",
     "ConnectionClosedError",
@@ -97,6 +106,7 @@ __all__ = [
     "DecryptionError",
     "DisconnectedError",
     "EmulatorError",
+    "FrameDecodeError",
     "GatewayError",
     "InvalidArgumentError",
     "JoinTimeoutError",

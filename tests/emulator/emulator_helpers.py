@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from cordvoice.emulator import Bot, Channel, Emulator, Guild, Participant, VoiceSession
+from cordvoice.emulator import Bot, Channel, Emulator, Guild, Participant, ReceivedFrame, VoiceSession
+from cordvoice.udp.crypto import MODE_XCHACHA20_POLY1305, TransportCipher, make_cipher
 from cordvoice.udp.rtp import OPUS_SILENCE
-from cordvoice.voicegateway.messages import ServerFrame, decode_server
+from cordvoice.voicegateway.messages import Ready, ServerFrame, SessionDescription, decode_server
+
+#: websockets >= 15 reads proxy settings from the environment on every connect; tests dial loopback.
+NO_PROXY: dict[str, Any] = {"proxy": None} if int(websockets.version.version.split(".")[0]) >= 15 else {}
 
 
 @dataclass
@@ -63,7 +70,7 @@ class RawVoice:
 
     @classmethod
     async def open(cls, endpoint: str, query: str = "?v=8") -> RawVoice:
-        return cls(await connect(f"ws://{endpoint}/{query}", ping_interval=None, close_timeout=1))
+        return cls(await connect(f"ws://{endpoint}/{query}", ping_interval=None, close_timeout=1, **NO_PROXY))
 
     async def send(self, payload: dict[str, Any] | str | bytes) -> None:
         await self.ws.send(json.dumps(payload) if isinstance(payload, dict) else payload)
@@ -150,3 +157,155 @@ async def exchange_audio(members: Sequence[Participant], tag: int, frames: int =
                 f"{[(f.sequence, len(f.payload), f.dave) for f in receiver.frames_from(sender.user_id)]}, "
                 f"{receiver.stats}, epoch {receiver.epoch}/{sender.epoch}"
             )
+
+
+class RawGateway:
+    """A bare main-gateway socket logged in as a bot: sends op 4, records every dispatch with its time."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.dispatches: list[tuple[float, str, dict[str, Any]]] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def login(cls, emu: Emulator, token: str) -> RawGateway:
+        ws = await connect(emu.gateway_url + "/?v=10&encoding=json", ssl=emu.client_ssl_context())
+        async with asyncio.timeout(5):
+            json.loads(await ws.recv())  # Hello
+        identify = {"op": 2, "d": {"token": token, "intents": (1 << 0) | (1 << 7), "properties": {}}}
+        await ws.send(json.dumps(identify))
+        gateway = cls(ws)
+        await gateway.expect("READY")
+        return gateway
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionClosed):
+            async for message in self.ws:
+                payload = json.loads(message)
+                if payload.get("op") == 0:
+                    self.dispatches.append((loop.time(), payload["t"], payload["d"]))
+                    self._changed.set()
+
+    async def join(self, guild_id: int, channel_id: int | None, **flags: bool) -> None:
+        data = {"guild_id": str(guild_id), "channel_id": None if channel_id is None else str(channel_id)}
+        data |= {"self_mute": False, "self_deaf": False} | flags
+        await self.ws.send(json.dumps({"op": 4, "d": data}))
+
+    def mark(self) -> int:
+        """Where the next expectation starts looking (the number of dispatches so far)."""
+        return len(self.dispatches)
+
+    async def expect(
+        self,
+        event: str,
+        predicate: Callable[[dict[str, Any]], bool] = lambda d: True,
+        *,
+        after: int = 0,
+        timeout: float = 3.0,  # noqa: ASYNC109
+    ) -> tuple[int, float, dict[str, Any]]:
+        """The first ``event`` dispatch at index >= ``after`` matching ``predicate``: (index, time, data)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for index in range(after, len(self.dispatches)):
+                    at, name, data = self.dispatches[index]
+                    if name == event and predicate(data):
+                        return index, at, data
+                self._changed.clear()
+                await self._changed.wait()
+
+    def events_since(self, after: int) -> list[str]:
+        return [name for _, name, _ in self.dispatches[after:]]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+async def bot_joins_voice(
+    emu: Emulator, gateway: RawGateway, bot: Bot, channel: Channel, **options: Any
+) -> tuple[Participant, dict[str, Any]]:
+    """The bot asks to join over its gateway, then connects a participant with the credentials it got."""
+    mark = gateway.mark()
+    await gateway.join(channel.guild_id, channel.id)
+    _, _, state = await gateway.expect(
+        "VOICE_STATE_UPDATE", lambda d: d["user_id"] == str(bot.user_id), after=mark
+    )
+    _, _, server = await gateway.expect("VOICE_SERVER_UPDATE", after=mark)
+    voice = await Participant.connect(
+        endpoint=server["endpoint"],
+        server_id=channel.guild_id,
+        user_id=bot.user_id,
+        session_id=state["session_id"],
+        token=server["token"],
+        channel_id=channel.id,
+        ssl_context=emu.client_ssl_context(),
+        name="bot",
+        **options,
+    )
+    return voice, server
+
+
+@dataclass
+class RawMediaClient:
+    """A raw voice client through Select Protocol with its own UDP socket: sees datagrams byte for byte."""
+
+    voice: RawVoice
+    sock: socket.socket
+    session: VoiceSession
+    ssrc: int
+    cipher: TransportCipher
+    server: tuple[str, int]
+
+    @classmethod
+    async def join(cls, emu: Emulator, channel: Channel, name: str = "raw-media") -> RawMediaClient:
+        session = issue_session(emu, channel, name)
+        voice = await RawVoice.open(session.endpoint)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        await voice.send(identify_payload(session, dave=1))
+        ready = (await voice.recv_op(2)).message
+        assert isinstance(ready, Ready)
+        host, port = sock.getsockname()
+        mode = MODE_XCHACHA20_POLY1305
+        await voice.send(
+            {"op": 1, "d": {"protocol": "udp", "data": {"address": host, "port": port, "mode": mode}}}
+        )
+        description = (await voice.recv_op(4)).message
+        assert isinstance(description, SessionDescription)
+        return cls(
+            voice,
+            sock,
+            session,
+            ready.ssrc,
+            make_cipher(mode, description.secret_key),
+            (ready.ip, ready.port),
+        )
+
+    async def recv_datagram(self, timeout: float = 2.0) -> bytes:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
+            return await asyncio.get_running_loop().sock_recv(self.sock, 4096)
+
+    async def close(self) -> None:
+        self.sock.close()
+        await self.voice.close()
+
+
+def classify(frames: Sequence[ReceivedFrame]) -> tuple[int, int, int]:
+    """(distinct sequences, duplicates, out-of-order arrivals) of one sender's frames at a receiver."""
+    seen: set[int] = set()
+    highest = -1
+    duplicates = out_of_order = 0
+    for frame in frames:
+        if frame.sequence in seen:
+            duplicates += 1
+            continue
+        seen.add(frame.sequence)
+        if frame.sequence < highest:
+            out_of_order += 1
+        highest = max(highest, frame.sequence)
+    return len(seen), duplicates, out_of_order

@@ -86,7 +86,7 @@ async def test_join_move_leave_deliver_events_with_fresh_tokens(world: World) ->
         assert recorder.events.empty()
 
 
-async def test_flag_only_update_keeps_the_voice_session(world: World) -> None:
+async def test_flag_only_update_keeps_the_voice_session_and_a_repeat_gets_both_updates(world: World) -> None:
     recorder = Recorder()
     async with make_client(world) as client:
         client.set_listener(recorder)
@@ -97,11 +97,19 @@ async def test_flag_only_update_keeps_the_voice_session(world: World) -> None:
         assert isinstance(muted, VoiceStateUpdate) and muted.self_mute
         await asyncio.sleep(0.05)
         assert recorder.events.empty(), "a mute toggle must not issue a new voice server update"
+        # The same op 4 again (discord.py after 4015, discord.js rejoin): both updates, the same token and
+        # endpoint while the voice session is valid.
+        await client.update_voice_state(world.guild.id, world.channel.id, self_mute=True)
+        repeated_state, repeated = await recorder.pair()
+        assert repeated_state.channel_id == world.channel.id and repeated_state.self_mute
+        assert (repeated.token, repeated.endpoint) == (server.token, server.endpoint)
         # Once the voice side revokes the session (e.g. after 4006), the same channel gets a new token.
         world.emu.state.revoke_voice_session(world.guild.id, world.bot.user_id)
         await client.update_voice_state(world.guild.id, world.channel.id, self_mute=True)
         _, again = await recorder.pair()
-        assert again.token != server.token
+        assert again.token != server.token and again.endpoint == server.endpoint
+        await asyncio.sleep(0.05)
+        assert recorder.events.empty(), "exactly one VOICE_SERVER_UPDATE per op 4"
 
 
 async def test_participants_kicks_and_server_moves_reach_the_listener(world: World) -> None:

@@ -1,42 +1,26 @@
 """discord.py 2.7 as an independent peer: it logs in to the emulator and asks to join voice.
 
 discord.py has no setting for its endpoints, so these tests point it at the emulator for their own duration
-only: ``discord.http.Route.BASE`` (REST) and ``DiscordWebSocket.DEFAULT_GATEWAY`` (the gateway it dials;
-``Client.connect`` never asks ``/gateway/bot``), both restored afterwards. With TLS, discord.py trusts the
-emulator's CA through an ``aiohttp.TCPConnector(ssl=...)`` passed as ``connector=``; the same aiohttp session
-later dials the ``wss://`` voice endpoint.
+only with :func:`~cordvoice.emulator.for_discordpy.discordpy_pointed_at` (``Client.connect`` never asks
+``/gateway/bot``). With TLS, discord.py trusts the emulator's CA through
+:func:`~cordvoice.emulator.for_discordpy.discordpy_connector` passed as ``connector=``; the same aiohttp
+session later dials the ``wss://`` voice endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import discord
-import discord.gateway
-import discord.http
 import pytest
-import yarl
 
 from cordvoice.emulator import Emulator
+from cordvoice.emulator.for_discordpy import discordpy_connector, discordpy_pointed_at
 
 from .conftest import World, build_world
-
-
-@contextlib.contextmanager
-def discordpy_pointed_at(emu: Emulator) -> Iterator[None]:
-    old_base = discord.http.Route.BASE
-    old_gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    discord.http.Route.BASE = emu.api_base
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
-    try:
-        yield
-    finally:
-        discord.http.Route.BASE = old_base
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
 
 
 @contextlib.asynccontextmanager
@@ -128,8 +112,7 @@ async def test_discordpy_logs_in_and_gets_voice_events(world: World) -> None:
 async def test_discordpy_over_tls_trusts_the_emulator_ca() -> None:
     async with Emulator(tls=True) as emu:
         world = build_world(emu)
-        connector = aiohttp.TCPConnector(ssl=emu.client_ssl_context())
-        async with running_bot(world, connector=connector) as client:
+        async with running_bot(world, connector=discordpy_connector(emu)) as client:
             guild = client.get_guild(world.guild.id)
             assert guild is not None and guild.get_channel(world.channel.id) is not None
             assert emu.gateway_url.startswith("wss://")

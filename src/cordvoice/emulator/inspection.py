@@ -201,7 +201,8 @@ class ClientInspection:
     ``opcodes``/``opcode_order``: what the client sent (order bounded to the last 10,000). ``rtp``: its
     media as the SFU received it. ``forwarded_to_client``: packets the SFU sent it. ``dave_epoch`` and
     ``dave_roster`` (user id -> leaf) are the delivery service's view of the client's channel;
-    ``dave_member`` says whether this client holds a leaf in it.
+    ``dave_member`` says whether this client holds a leaf in it. ``faults``: what ``emu.faults`` did to the
+    user (closes, crashes, moves, kicks, withheld ACKs, impaired and injected datagrams), by kind.
     """
 
     user_id: int
@@ -228,6 +229,8 @@ class ClientInspection:
     dave_roster: dict[int, int]
     dave_member: bool
     dave_counters: dict[str, int]
+    faults: dict[str, int] = field(default_factory=dict)
+    """Faults injected against this user (``emu.faults``), by kind, over all its voice sessions."""
 
     @property
     def speaking_flags(self) -> list[int]:

@@ -120,6 +120,8 @@ class MainGatewayStats:
     """Counters for everything the main gateway did, refused or could not deliver."""
 
     connections: int = 0
+    messages_received: int = 0
+    """Every WebSocket message clients sent, valid or not."""
     identifies: int = 0
     identifies_by_user: Counter[int] = field(default_factory=Counter)
     resumes: int = 0
@@ -133,6 +135,8 @@ class MainGatewayStats:
     ignored_ops: int = 0
     expired_sessions: int = 0
     hook_errors: int = 0
+    internal_errors: int = 0
+    """Client messages the emulator failed on (a bug): that socket got 1011, nothing else stopped."""
     undelivered: int = 0
     closes: Counter[int] = field(default_factory=Counter)
     """Close codes the emulator sent, by code."""
@@ -186,7 +190,7 @@ class GatewaySession:
         self._replay: deque[dict[str, Any]] = deque(maxlen=replay_limit)
 
     def wants(self, intent: Intent) -> bool:
-        return bool(self.intents & intent)
+        return bool(self.intents & intent.value)
 
     def handles_guild(self, guild_id: int) -> bool:
         shard_id, shard_count = self.shard
@@ -302,8 +306,10 @@ class GatewayHub:
         guild = self.state.guilds.get(guild_id)
         if guild is None:
             return
+        bit = intent.value  # once: IntFlag arithmetic is slow, and this runs per session per dispatch
+        members = guild.members
         for session in list(self.sessions.values()):
-            if session.user_id in guild.members and session.wants(intent) and session.handles_guild(guild_id):
+            if session.intents & bit and session.user_id in members and session.handles_guild(guild_id):
                 yield session
 
     def dispatch_to_guild(self, guild_id: int, event: str, data: dict[str, Any], *, intent: Intent) -> int:
@@ -342,22 +348,24 @@ class GatewayHub:
         self.dispatch(session, "VOICE_SERVER_UPDATE", data)
         return True
 
-    def apply_voice_change(self, change: VoiceStateChange) -> None:
+    def apply_voice_change(self, change: VoiceStateChange, *, reannounce: VoiceSession | None = None) -> None:
         """Announce a voice change on the wire, then tell the voice side (hooks).
 
         Every change but a server move is announced with VOICE_STATE_UPDATE, even when nothing visible changed
         (an op 4 repeating the current state is still answered); an issued session with VOICE_SERVER_UPDATE.
+        ``reannounce`` is a still-valid session to announce again with VOICE_SERVER_UPDATE (a repeated op 4).
         """
         state_changed = change.cause is not VoiceChangeCause.SERVER_MOVE
-        if change.issued is not None and self.voice_server_update_first:
-            self.send_voice_server_update(change.issued, endpoint=change.issued.endpoint)
+        server_update = change.issued if change.issued is not None else reannounce
+        if server_update is not None and self.voice_server_update_first:
+            self.send_voice_server_update(server_update, endpoint=server_update.endpoint)
         if state_changed:
             data = self.state.voice_state_payload(change.guild_id, change.user_id, change.after)
             self.dispatch_to_guild(
                 change.guild_id, "VOICE_STATE_UPDATE", data, intent=Intent.GUILD_VOICE_STATES
             )
-        if change.issued is not None and not self.voice_server_update_first:
-            self.send_voice_server_update(change.issued, endpoint=change.issued.endpoint)
+        if server_update is not None and not self.voice_server_update_first:
+            self.send_voice_server_update(server_update, endpoint=server_update.endpoint)
         for hook in list(self.voice_hooks):
             try:
                 hook(change)
@@ -403,7 +411,21 @@ class GatewayHub:
         if change is None:
             self.stats.voice_requests_ignored += 1
             return
-        self.apply_voice_change(change)
+        self.apply_voice_change(change, reannounce=self._repeated_join(change))
+
+    def _repeated_join(self, change: VoiceStateChange) -> VoiceSession | None:
+        """The still-valid voice session when op 4 repeated the member's channel and flags exactly.
+
+        discord.py (after 4015 and failed handshakes) and discord.js (``rejoin``) re-send op 4 for the channel
+        they are in and wait for both VOICE_STATE_UPDATE and VOICE_SERVER_UPDATE, so a repeat gets both: the
+        same token and endpoint while the voice session is valid (a revoked one was already reissued, with a
+        new token, by the state). A flags-only change (self mute or deafen) gets only the state update, or
+        every such toggle would make those libraries reconnect.
+        """
+        before, after = change.before, change.after
+        if change.issued is not None or before is None or after is None or before != after:
+            return None
+        return self.state.voice_session(change.guild_id, change.user_id)
 
 
 class _Phase(enum.Enum):
@@ -476,6 +498,7 @@ class GatewayConnection:
 
     def receive(self, message: str | bytes, now: float) -> None:
         """One WebSocket message from the client."""
+        self.hub.stats.messages_received += 1
         if self.closing:
             return
         try:
@@ -483,6 +506,10 @@ class GatewayConnection:
         except _PayloadError as exc:
             logger.info("emulator gateway closes connection %d: %d %s", self.id, exc.code, exc.reason)
             self.close(exc.code, exc.reason)
+        except Exception:  # a bug in the emulator costs this socket (1011), never the server
+            logger.exception("emulator gateway failed on a client message")
+            self.hub.stats.internal_errors += 1
+            self.close(1011, "internal error")
 
     def heartbeat_expired(self) -> None:
         """No heartbeat arrived in time: 4009, and the session is over ("start a new one")."""
@@ -531,7 +558,7 @@ class GatewayConnection:
             )
         try:
             payload = json.loads(message)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting raises RecursionError
             raise _PayloadError(GatewayCloseCode.DECODE_ERROR, "payload is not valid JSON") from None
         if not isinstance(payload, dict):
             raise _PayloadError(GatewayCloseCode.DECODE_ERROR, "payload is not a JSON object")

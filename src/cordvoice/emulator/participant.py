@@ -8,7 +8,9 @@ checked against the users announced by op 11/13 (``check_user_ids``). It never u
 code, so a test that hears the library through a participant is not marking its own homework.
 
 It needs nothing but the credentials of a voice session, so it can also run in another process (a
-benchmark): :meth:`Participant.connect` takes the endpoint, ids and token. ``Emulator.add_participant``
+benchmark): :meth:`Participant.connect` takes the endpoint, ids and token. With ``resume=True`` it resumes
+(op 7, keeping its UDP socket, keys and DAVE state) after a close that protocol.md §3 calls resumable (4015,
+1006 and other non-4xxx failures), as a well-behaved client does. ``Emulator.add_participant``
 creates the user, puts it in the channel through the emulator's state (as the main gateway would), and
 connects it.
 
@@ -30,7 +32,7 @@ from typing import Any, NamedTuple
 
 import davey
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from cordvoice.emulator.sfu import enlarge_receive_buffer
 from cordvoice.emulator.state import VoiceSession
@@ -61,6 +63,8 @@ from cordvoice.voicegateway.messages import (
     Identify,
     ProposalsOperation,
     Ready,
+    Resume,
+    Resumed,
     SelectProtocol,
     ServerMessage,
     SessionDescription,
@@ -79,6 +83,15 @@ _SILENCE_FRAMES = 5
 _MAX_UNMAPPED = 500
 _DISCOVERY_RETRY = 0.5
 _MAX_HEARTBEAT_PERIOD = 5.0
+#: Resumes in a row without a Resumed in between before the participant gives up.
+_MAX_RESUME_ATTEMPTS = 5
+
+
+def _resumable(code: int | None) -> bool:
+    """protocol.md §3: resume after 4015 and after transport failures (no close frame, 1006, other < 4000)."""
+    if code is None or code == CloseCode.VOICE_SERVER_CRASHED:
+        return True
+    return code < 4000 and code not in (1000, 1001)
 
 
 class ReceivedFrame(NamedTuple):
@@ -119,6 +132,10 @@ class ParticipantStats:
     """op 31 sent (a failed commit or Welcome, real or forced)."""
     heartbeat_acks: int = 0
     opcodes_received: Counter[int] = field(default_factory=Counter)
+    resumes: int = 0
+    """op 7 sent (only with ``resume=True``)."""
+    resumed: int = 0
+    """op 9 received."""
 
 
 class _DaveClient:
@@ -271,6 +288,10 @@ class Participant:
         dave: bool,
         check_user_ids: bool,
         name: str | None,
+        endpoint: str = "",
+        token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+        resume: bool = False,
     ) -> None:
         self.server_id = server_id
         self.user_id = user_id
@@ -287,9 +308,18 @@ class Participant:
         self.mode: str | None = None
         self.dave_protocol_version: int | None = None
         self.close_code: int | None = None
+        self.closes: list[int | None] = []
+        """The close code of every voice socket that ended, in order (None: no close frame)."""
+        self.resume = resume
+        """Resume after a resumable close instead of ending (see the module docstring)."""
         self.on_leave: Callable[[], None] | None = None
         """Called by :meth:`leave` first (the emulator uses it to clear the voice state)."""
         self._ws = ws
+        self._endpoint = endpoint
+        self._token = token
+        self._ssl_context = ssl_context
+        self._closing = False
+        self._resume_attempts = 0
         self._loop = asyncio.get_running_loop()
         self._dave = _DaveClient(user_id, channel_id, self.stats, check_user_ids)
         self._seq: int | None = None
@@ -324,25 +354,18 @@ class Participant:
         check_user_ids: bool = True,
         name: str | None = None,
         fail_commits: int = 0,
+        resume: bool = False,
         timeout: float = 10.0,  # noqa: ASYNC109 - bounds the whole handshake
     ) -> Participant:
         """Dial ``endpoint`` (``host:port``) and run the handshake until Session Description arrived.
 
         ``fail_commits``: treat the first N op 29/op 30 as failures (see :meth:`fail_next_commit`).
+        ``resume``: resume after resumable closes (4015, 1006) instead of ending.
 
         Raises :class:`~cordvoice.errors.DaveRequiredError` on 4017 and
         :class:`~cordvoice.errors.ConnectionClosedError` on any other close before that.
         """
-        scheme = "wss" if ssl_context is not None else "ws"
-        ws = await connect(
-            f"{scheme}://{endpoint}/?v=8",
-            ssl=ssl_context,
-            compression=None,  # saves CPU when hundreds run in one process; discord.py tests deflate
-            ping_interval=None,
-            open_timeout=timeout,
-            close_timeout=2.0,
-            max_size=1 << 20,
-        )
+        ws = await _dial(endpoint, ssl_context, timeout)
         participant = cls(
             ws,
             server_id=server_id,
@@ -352,6 +375,10 @@ class Participant:
             dave=dave,
             check_user_ids=check_user_ids,
             name=name,
+            endpoint=endpoint,
+            token=token,
+            ssl_context=ssl_context,
+            resume=resume,
         )
         participant.fail_next_commit(fail_commits)
         try:
@@ -457,11 +484,16 @@ class Participant:
             await self._closed.wait()
         return self.close_code
 
-    async def play(self, frames: Iterable[bytes], *, silence: bool = True) -> int:
+    async def play(
+        self, frames: Iterable[bytes], *, silence: bool = True, interval: float = FRAME_DURATION
+    ) -> int:
         """Send Opus frames paced at 20 ms: op 5 first, DAVE when the group is ready, 5 silence frames last.
 
-        Returns how many frames (silence excluded) were sent.
+        ``interval`` changes the pacing (RTP timestamps still step by 960): a test that needs many packets,
+        not real time, can send faster. Returns how many frames (silence excluded) were sent.
         """
+        if interval < 0:
+            raise EmulatorError("interval must be >= 0 seconds")
         sender = self._sender
         if sender is None or self._udp is None:
             raise EmulatorError("the participant has no transport yet (handshake not finished)")
@@ -471,11 +503,11 @@ class Participant:
         for frame in frames:
             self._send_frame(frame, dave=True)
             sent += 1
-            await self._sleep_until(start + sent * FRAME_DURATION)
+            await self._sleep_until(start + sent * interval)
         if silence:
             for index in range(_SILENCE_FRAMES):
                 self._send_frame(OPUS_SILENCE, dave=False)
-                await self._sleep_until(start + (sent + index + 1) * FRAME_DURATION)
+                await self._sleep_until(start + (sent + index + 1) * interval)
         await self._send(Speaking(speaking=SpeakingFlag.NONE, ssrc=self.ssrc))
         return sent
 
@@ -500,6 +532,7 @@ class Participant:
 
     async def close(self) -> None:
         """Close the voice socket (1000) and the UDP socket. Idempotent."""
+        self._closing = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         for task in list(self._tasks):
@@ -544,23 +577,23 @@ class Participant:
         cipher = self._cipher
         if cipher is None:
             self.stats.before_key += 1
-            return
-        if is_rtcp(data):
+        elif is_rtcp(data):
             self.stats.rtcp += 1
-            return
-        try:
-            header, payload = cipher.open_rtp(data)
-        except ProtocolError:
-            self.stats.transport_undecryptable += 1
-            return
-        now = self._loop.time()
-        user_id = self._ssrc_users.get(header.ssrc)
-        if user_id is None:
-            self.stats.unmapped_ssrc += 1
-            held = self._unmapped.setdefault(header.ssrc, deque(maxlen=_MAX_UNMAPPED))
-            held.append((header, payload, now))
-            return
-        self._accept(user_id, header, payload, now)
+        else:
+            try:
+                header, payload = cipher.open_rtp(data)
+            except ProtocolError:
+                self.stats.transport_undecryptable += 1
+            else:
+                now = self._loop.time()
+                user_id = self._ssrc_users.get(header.ssrc)
+                if user_id is not None:
+                    self._accept(user_id, header, payload, now)
+                    return
+                self.stats.unmapped_ssrc += 1
+                held = self._unmapped.setdefault(header.ssrc, deque(maxlen=_MAX_UNMAPPED))
+                held.append((header, payload, now))
+        self._notify()  # a counter moved: waiters on stats re-check
 
     def _accept(self, user_id: int, header: RtpHeader, payload: bytes, now: float) -> None:
         encrypted = payload.endswith(_DAVE_MARKER)
@@ -584,20 +617,14 @@ class Participant:
 
     async def _read(self) -> None:
         try:
-            async for frame in self._ws:
-                try:
-                    decoded = decode_server(frame)
-                except ProtocolError as exc:
-                    self.stats.dave_errors["undecodable_server_frame"] += 1
-                    logger.warning("participant %d got an undecodable frame: %s", self.user_id, exc)
-                    continue
-                if decoded.seq is not None:
-                    self._seq = decoded.seq
-                self.stats.opcodes_received[int(decoded.message.op)] += 1
-                await self._handle(decoded.message)
-                self._notify()
-        except ConnectionClosed:
-            pass
+            while True:
+                await self._read_socket(self._ws)
+                code = self._ws.close_code
+                self.closes.append(code)
+                if not (self.resume and not self._closing and _resumable(code)):
+                    break
+                if not await self._resume():
+                    break
         except Exception:  # a bug here must be visible: log it, count it, and hang up
             logger.exception("participant %d stopped reading its voice socket", self.user_id)
             self.stats.dave_errors["reader_failed"] += 1
@@ -609,12 +636,56 @@ class Participant:
             self._closed.set()
             self._notify()
 
+    async def _read_socket(self, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:
+                try:
+                    decoded = decode_server(frame)
+                except ProtocolError as exc:
+                    self.stats.dave_errors["undecodable_server_frame"] += 1
+                    logger.warning("participant %d got an undecodable frame: %s", self.user_id, exc)
+                    continue
+                if decoded.seq is not None:
+                    self._seq = decoded.seq
+                self.stats.opcodes_received[int(decoded.message.op)] += 1
+                await self._handle(decoded.message)
+                self._notify()
+
+    async def _resume(self) -> bool:
+        """Open a new socket to the same endpoint and send op 7; False when that is impossible."""
+        if self._resume_attempts >= _MAX_RESUME_ATTEMPTS:
+            logger.info("participant %d gives up after %d resumes", self.user_id, self._resume_attempts)
+            return False
+        self._resume_attempts += 1
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        try:
+            ws = await _dial(self._endpoint, self._ssl_context, 5.0)
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            logger.info("participant %d could not reconnect to resume: %s", self.user_id, exc)
+            return False
+        if self._closing:  # close() ran while we dialled: it must not wait on this new socket
+            await ws.close(1000)
+            return False
+        self._ws = ws
+        self.stats.resumes += 1
+        resume = Resume(
+            server_id=self.server_id, session_id=self.session_id, token=self._token, seq_ack=self._seq
+        )
+        with contextlib.suppress(ConnectionClosed):  # the reader sees the close code next
+            await self._send(resume)
+        return True
+
     async def _handle(self, message: ServerMessage) -> None:
         dave = self._dave
         if isinstance(message, Hello):
-            if self._heartbeat is None:
+            if self._heartbeat is None or self._heartbeat.done():
                 period = min(message.heartbeat_interval / 1000.0, _MAX_HEARTBEAT_PERIOD)
                 self._heartbeat = asyncio.create_task(self._heartbeats(period))
+        elif isinstance(message, Resumed):
+            self.stats.resumed += 1
+            self._resume_attempts = 0
         elif isinstance(message, HeartbeatAck):
             self.stats.heartbeat_acks += 1
         elif isinstance(message, Ready):
@@ -734,5 +805,17 @@ class Participant:
 
     async def _sleep_until(self, deadline: float) -> None:
         delay = deadline - self._loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await asyncio.sleep(delay if delay > 0 else 0)  # behind schedule: still let others run
+
+
+async def _dial(endpoint: str, ssl_context: ssl.SSLContext | None, timeout: float) -> ClientConnection:  # noqa: ASYNC109
+    scheme = "wss" if ssl_context is not None else "ws"
+    return await connect(
+        f"{scheme}://{endpoint}/?v=8",
+        ssl=ssl_context,
+        compression=None,  # saves CPU when hundreds run in one process; discord.py tests deflate
+        ping_interval=None,
+        open_timeout=timeout,
+        close_timeout=2.0,
+        max_size=1 << 20,
+    )

@@ -14,8 +14,12 @@ Extension points for the voice side:
   server moves). ``change.revoked`` is the voice session whose connection must end; the cause says with which
   close code.
 * :meth:`Emulator.add_participant`: a simulated member joins a channel over the real voice protocol;
-  :meth:`Emulator.inspect` shows what the voice side saw a client do; :meth:`Emulator.voice_server` gives
-  the fault hooks (close a socket with a code, crash, drop, withhold ACKs, pause or impair UDP).
+  :meth:`Emulator.inspect` shows what the voice side saw a client do (faults included);
+  :attr:`Emulator.faults` injects every fault (:mod:`cordvoice.emulator.faults`) through the hooks
+  :meth:`Emulator.voice_server` exposes (close a socket with a code, crash, drop, withhold ACKs, pause or
+  impair UDP, crafted datagrams).
+* The control routes under ``/_emulator/`` (:mod:`cordvoice.emulator.control`) reach the faults and the
+  inspection over HTTP, for ``cordvoice emulate fault``; they need :attr:`Emulator.control_token`.
 * :meth:`Emulator.disconnect_member` (kick: VOICE_STATE_UPDATE with a null channel), :meth:`move_guild`
   (server move, optionally announcing ``endpoint: null`` first), :meth:`set_voice_state` (simulated
   participants joining and leaving), :meth:`announce_voice_server_lost`.
@@ -42,6 +46,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from cordvoice.emulator.control import CONTROL_PREFIX, ControlApi
+from cordvoice.emulator.faults import Faults
 from cordvoice.emulator.inspection import ClientInspection
 from cordvoice.emulator.main_gateway import GatewayConnection, MainGateway, VoiceStateHook
 from cordvoice.emulator.participant import Participant
@@ -155,6 +161,11 @@ class Emulator:
         self.voice_config = voice_config or VoiceServerConfig()
         """The default configuration every new voice server starts with (each gets its own copy)."""
         self.participants: list[Participant] = []
+        self.faults = Faults(self)
+        """Fault injection: closes, crashes, moves, kicks, withheld ACKs, UDP impairment, crafted packets."""
+        self.control_token = secrets.token_urlsafe(18)
+        """The secret the control routes (``/_emulator/...``) require: ``Authorization: Emulator <token>``."""
+        self.control = ControlApi(self)
         self._server: Server | None = None
         self._started = False
 
@@ -216,6 +227,7 @@ class Emulator:
                 await participant.close()
             except Exception:
                 logger.exception("a participant failed to close")
+        self.faults.close()
         await self.main_gateway.close()
         if self._server is not None:
             self._server.close()
@@ -232,8 +244,12 @@ class Emulator:
             self.tls.close()
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """REST requests are answered here; anything else goes on to the WebSocket handshake."""
-        if not urlsplit(request.path).path.startswith("/api/"):
+        """REST and control requests are answered here; anything else goes on to the WebSocket handshake."""
+        path = urlsplit(request.path).path
+        if path.startswith(CONTROL_PREFIX + "/"):
+            control = await self.control.handle(request.path, request.headers.get("Authorization"))
+            return _http_response(control)
+        if not path.startswith("/api/"):
             return None
         method = getattr(request, "method", "GET")  # websockets < 14 only parses GET
         result = self.rest.handle(method, request.path, request.headers.get("Authorization"))
@@ -255,6 +271,11 @@ class Emulator:
     def api_base(self) -> str:
         """``http://host:port/api/v10`` (``https://`` with TLS); discord.py's ``Route.BASE``."""
         return f"{'https' if self._tls_enabled else 'http'}://{self.url_host}:{self.port}/api/v10"
+
+    @property
+    def control_url(self) -> str:
+        """Base URL of the control routes (faults, inspection; :mod:`cordvoice.emulator.control`)."""
+        return f"{'https' if self._tls_enabled else 'http'}://{self.url_host}:{self.port}{CONTROL_PREFIX}"
 
     @property
     def ca_file(self) -> Path | None:
@@ -412,6 +433,8 @@ class Emulator:
         server_id = self.state.reserve_voice_server_id()
         handle = await self._voice_server_factory(self, server_id, port)
         self.voice_server_handles[server_id] = handle
+        if isinstance(handle, EmulatedVoiceServer):
+            self.faults.voice_server_added(handle)
         return self.state.register_voice_server(handle.endpoint, server_id=server_id)
 
     def announce_voice_server_lost(self, guild_id: int) -> int:
@@ -489,7 +512,8 @@ class Emulator:
         ]
         if not found:
             raise EmulatorError(f"user {user_id} never identified on a voice server")
-        return max(found, key=lambda inspection: (not inspection.ended, inspection.connections))
+        newest = max(found, key=lambda inspection: (not inspection.ended, inspection.connections))
+        return dataclasses.replace(newest, faults=self.faults.for_user(user_id))
 
     def admit_to_voice(
         self, channel_id: int, *, name: str | None = None, self_mute: bool = False
@@ -516,6 +540,7 @@ class Emulator:
         check_user_ids: bool = True,
         self_mute: bool = False,
         fail_commits: int = 0,
+        resume: bool = False,
         timeout: float = 10.0,  # noqa: ASYNC109 - bounds the whole join
     ) -> Participant:
         """A simulated member joins ``channel_id``: voice state through the state, then the voice protocol.
@@ -523,7 +548,8 @@ class Emulator:
         Returns once its Session Description arrived (DAVE may still be forming: see
         :meth:`Participant.wait_dave_ready`). ``dave=False`` offers DAVE version 0 (a DAVE channel refuses
         it with 4017, raised as :class:`~cordvoice.errors.DaveRequiredError`). ``fail_commits`` makes its
-        first N op 29/op 30 fail on purpose (it answers op 31 and is re-added).
+        first N op 29/op 30 fail on purpose (it answers op 31 and is re-added). ``resume`` makes it resume
+        after 4015 and dropped connections (op 7) instead of ending.
         """
         session = self.admit_to_voice(channel_id, name=name, self_mute=self_mute)
 
@@ -539,6 +565,7 @@ class Emulator:
                 check_user_ids=check_user_ids,
                 name=self.state.user(session.user_id).name,
                 fail_commits=fail_commits,
+                resume=resume,
                 timeout=timeout,
             )
         except BaseException:

@@ -290,7 +290,7 @@ class MediaServer:
         cipher = endpoint.cipher
         assert cipher is not None  # set together with the address
         try:
-            header, payload = cipher.open_rtp(data)
+            sequence, timestamp, ssrc, payload = cipher.open_rtp_fields(data)
         except DecryptionError:
             endpoint.stats.undecryptable += 1
             self.counters["undecryptable"] += 1
@@ -298,10 +298,10 @@ class MediaServer:
         except ProtocolError:
             self.counters["malformed"] += 1
             return
-        if header.ssrc != endpoint.ssrc:
+        if ssrc != endpoint.ssrc:
             self.counters["wrong_ssrc"] += 1
             return
-        endpoint.stats.record(header.sequence, header.timestamp, len(payload), time.monotonic())
+        endpoint.stats.record(sequence, timestamp, len(payload), time.monotonic())
         receivers = self._channels.get(endpoint.channel_id)
         if receivers is None or len(receivers) < 2:
             return

@@ -36,7 +36,6 @@ messages are never reordered (the shell's per-connection queue is FIFO).
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import random
 import secrets
@@ -61,7 +60,7 @@ from cordvoice.emulator.dave_ds import (
 from cordvoice.emulator.inspection import ClientActivity, ClientInspection, SpeakingEvent
 from cordvoice.emulator.sfu import MediaEndpoint, MediaServer
 from cordvoice.emulator.state import EmulatorState, VoiceChangeCause, VoiceSession, VoiceStateChange
-from cordvoice.errors import EmulatorError, ProtocolError
+from cordvoice.errors import EmulatorError, FrameDecodeError, ProtocolError
 from cordvoice.udp.crypto import MODE_AES256_GCM, MODE_XCHACHA20_POLY1305, make_cipher
 from cordvoice.voicegateway.closecodes import CloseCode
 from cordvoice.voicegateway.messages import (
@@ -123,8 +122,6 @@ DEPRECATED_MODES: tuple[str, ...] = (
 _SEQ_MASK = 0xFFFF
 #: Client opcodes Discord's own clients send and the server accepts without acting (counted).
 _IGNORED_CLIENT_OPS = frozenset({12, 15, 16})
-_JSON_CLIENT_OPS = frozenset({0, 1, 3, 5, 7, 23, 31})
-_BINARY_CLIENT_OPS = frozenset({26, 28})
 _MAX_REASON = 120
 _HISTORY_PER_USER = 16
 
@@ -243,6 +240,8 @@ class VoiceSessionRecord:
         self.detached_at: float | None = None
         self.ended = False
         self.withhold_acks = False
+        self.acks_to_withhold: int | None = None
+        """With ``withhold_acks``: how many more heartbeats go unanswered (None: until restored)."""
         self.seq = 0
         self.sent_total = 0
         self.replay: deque[str | bytes] = deque(maxlen=replay_limit)
@@ -298,6 +297,8 @@ class VoiceServerStats:
     """Counters of one voice server's gateway side (the media side counts in ``MediaServer.counters``)."""
 
     connections: int = 0
+    frames_received: int = 0
+    """Every WebSocket message clients sent, valid or not."""
     identifies: int = 0
     resumes: int = 0
     replayed: int = 0
@@ -378,7 +379,9 @@ class VoiceServerCore:
 
     def receive(self, conn: VoiceConnection, frame: str | bytes, now: float) -> None:
         """One WebSocket message from a client."""
+        self.stats.frames_received += 1
         if conn.closing:
+            self.stats.dropped["after_close"] += 1
             return
         try:
             self._receive(conn, frame, now)
@@ -516,12 +519,17 @@ class VoiceServerCore:
                 count += 1
         return count
 
-    def set_withhold_acks(self, user_id: int, withhold: bool, *, guild_id: int | None = None) -> None:
-        """Stop (or restart) answering the user's heartbeats."""
+    def set_withhold_acks(
+        self, user_id: int, withhold: bool, *, guild_id: int | None = None, count: int | None = None
+    ) -> None:
+        """Stop (or restart) answering the user's heartbeats; ``count`` limits it to the next N heartbeats."""
         record = self.live_record(user_id, guild_id)
         if record is None:
             raise EmulatorError(f"user {user_id} has no live voice session on server {self.server_id}")
+        if count is not None and count < 1:
+            raise EmulatorError("count must be >= 1 (or None: until restored)")
         record.withhold_acks = withhold
+        record.acks_to_withhold = count if withhold else None
 
     def inspect(self, user_id: int, guild_id: int | None = None) -> ClientInspection | None:
         """A snapshot of the user's newest voice session on this server, or None."""
@@ -595,23 +603,10 @@ class VoiceServerCore:
     @staticmethod
     def _decode(frame: str | bytes) -> ClientMessage:
         """Decode a client frame; envelope failures are 4002, bad fields of a known opcode 4020."""
-        if isinstance(frame, str):
-            try:
-                payload = json.loads(frame)
-            except (ValueError, RecursionError):
-                raise _Refuse(CloseCode.DECODE_ERROR, "text frame is not JSON") from None
-            op = payload.get("op") if type(payload) is dict else None
-            if type(op) is not int:
-                raise _Refuse(CloseCode.DECODE_ERROR, "text frame is not an object with an integer op")
-            if op in _BINARY_CLIENT_OPS:
-                raise _Refuse(CloseCode.DECODE_ERROR, f"op {op} must be a binary frame")
-        else:
-            if not frame:
-                raise _Refuse(CloseCode.DECODE_ERROR, "empty binary frame")
-            if frame[0] in _JSON_CLIENT_OPS:
-                raise _Refuse(CloseCode.DECODE_ERROR, f"op {frame[0]} must be a JSON text frame")
         try:
             return decode_client(frame)
+        except FrameDecodeError as exc:
+            raise _Refuse(CloseCode.DECODE_ERROR, str(exc)) from None
         except ProtocolError as exc:
             raise _Refuse(CloseCode.BAD_REQUEST, str(exc)) from None
 
@@ -625,6 +620,11 @@ class VoiceServerCore:
             if record.withhold_acks:
                 record.activity.acks_withheld += 1
                 self.stats.acks_withheld += 1
+                if record.acks_to_withhold is not None:
+                    record.acks_to_withhold -= 1
+                    if record.acks_to_withhold <= 0:
+                        record.withhold_acks = False
+                        record.acks_to_withhold = None
                 return
         self._control(conn, HeartbeatAck(nonce=message.nonce))
 

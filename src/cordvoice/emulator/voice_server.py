@@ -6,9 +6,9 @@ without reordering), enforces heartbeat deadlines in each reader, and keeps one 
 deadlines (resume windows, DAVE transition timeouts). It serves TLS with the emulator's certificate when the
 emulator has one, and accepts ``permessage-deflate`` (discord.py asks for it).
 
-Fault hooks for tests (and the command line later): :meth:`close_client`, :meth:`crash`,
-:meth:`drop_client`, :meth:`withhold_acks`, and on :attr:`media` the ``paused`` flag, ``forward_hook`` and
-``inject``.
+Fault hooks, driven by ``emu.faults`` (:mod:`cordvoice.emulator.faults`) and usable directly:
+:meth:`close_client`, :meth:`crash`, :meth:`drop_client`, :meth:`withhold_acks`, and on :attr:`media` the
+``paused`` flag, ``forward_hook`` and ``inject``.
 """
 
 from __future__ import annotations
@@ -294,9 +294,11 @@ class EmulatedVoiceServer:
         await self._wait(tasks)
         return count
 
-    def withhold_acks(self, user_id: int, withhold: bool = True, *, guild_id: int | None = None) -> None:
-        """Stop (or resume) answering the user's heartbeats with op 6."""
-        self.core.set_withhold_acks(user_id, withhold, guild_id=guild_id)
+    def withhold_acks(
+        self, user_id: int, withhold: bool = True, *, guild_id: int | None = None, count: int | None = None
+    ) -> None:
+        """Stop (or resume) answering the user's heartbeats with op 6; ``count``: only the next N."""
+        self.core.set_withhold_acks(user_id, withhold, guild_id=guild_id, count=count)
 
     def set_delivery_order(self, channel_id: int, seed: int | None, max_delay: float = 0.005) -> None:
         """Seeded shuffled delivery for one channel's message batches (see ``VoiceServerCore``)."""

@@ -11,7 +11,9 @@ Wire rules (protocol.md §2):
 * Snowflakes are ``int`` here and strings on the wire (both forms are accepted on decode).
 * An opcode this side does not know (including one that only travels the other way) decodes to
   :class:`Unknown`, never to an error, so a newer server cannot break an older client. A known opcode with a
-  malformed body raises :class:`~cordvoice.errors.ProtocolError` naming the op and the field.
+  malformed body raises :class:`~cordvoice.errors.ProtocolError` naming the op and the field; a frame that is
+  not a message at all (not JSON, no integer op, empty, text for a binary op or the reverse) raises its
+  subclass :class:`~cordvoice.errors.FrameDecodeError`, so a server can answer 4002 rather than 4020.
 
 Decoding validates every field's type and range, because these values feed struct packing, socket
 addresses and cipher keys further down; a bad value must stop here, with a message that says where.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
-from cordvoice.errors import InvalidArgumentError, ProtocolError
+from cordvoice.errors import FrameDecodeError, InvalidArgumentError, ProtocolError
 
 __all__ = [
     "ClientDisconnect",
@@ -727,17 +729,21 @@ _SERVER_BINARY_HEADER = struct.Struct(">HB")
 
 
 def _load_json(frame: str) -> tuple[int, object, dict[str, Any]]:
-    """Parse a text frame into (op, d, whole object)."""
+    """Parse a text frame into (op, d, whole object); a frame that is not a message is a FrameDecodeError."""
     try:
         payload = json.loads(frame)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise ProtocolError(f"text frame is not valid JSON: {exc}") from None
+        raise FrameDecodeError(f"text frame is not valid JSON: {exc}") from None
     if type(payload) is not dict:
-        raise ProtocolError(f"text frame must be a JSON object, got {type(payload).__name__}")
+        raise FrameDecodeError(f"text frame must be a JSON object, got {type(payload).__name__}")
     op = payload.get("op")
     if type(op) is not int:
-        raise ProtocolError(f"text frame has no integer 'op' (got {type(op).__name__})")
+        raise FrameDecodeError(f"text frame has no integer 'op' (got {type(op).__name__})")
     return op, payload.get("d"), payload
+
+
+def _wrong_kind(op: int, message: str) -> FrameDecodeError:
+    return FrameDecodeError(f"{_OP_LABEL.get(op, f'op {op}')}: {message}")
 
 
 def _as_bytes(frame: object) -> bytes:
@@ -745,7 +751,7 @@ def _as_bytes(frame: object) -> bytes:
         return frame
     if isinstance(frame, (bytes, bytearray, memoryview)):
         return bytes(frame)
-    raise ProtocolError(f"a frame must be str or bytes, got {type(frame).__name__}")
+    raise FrameDecodeError(f"a frame must be str or bytes, got {type(frame).__name__}")
 
 
 def decode_server(frame: str | bytes) -> ServerFrame:
@@ -759,17 +765,17 @@ def decode_server(frame: str | bytes) -> ServerFrame:
         if decoder is not None:
             return ServerFrame(decoder(d), seq)
         if op in _SERVER_BINARY:
-            raise _fail(op, "arrived as text, but this op is binary")
+            raise _wrong_kind(op, "arrived as text, but this op is binary")
         return ServerFrame(Unknown(op, d), seq)
     data = _as_bytes(frame)
     if len(data) < 3:
-        raise ProtocolError(f"binary server frame of {len(data)} bytes is shorter than seq + opcode")
+        raise FrameDecodeError(f"binary server frame of {len(data)} bytes is shorter than seq + opcode")
     seq, op = _SERVER_BINARY_HEADER.unpack_from(data)
     binary_decoder = _SERVER_BINARY.get(op)
     if binary_decoder is not None:
         return ServerFrame(binary_decoder(data[3:]), seq)
     if op in _SERVER_JSON:
-        raise _fail(op, "arrived as binary, but this op is JSON")
+        raise _wrong_kind(op, "arrived as binary, but this op is JSON")
     return ServerFrame(Unknown(op, data[3:]), seq)
 
 
@@ -781,17 +787,17 @@ def decode_client(frame: str | bytes) -> ClientMessage:
         if decoder is not None:
             return decoder(d)
         if op in _CLIENT_BINARY:
-            raise _fail(op, "arrived as text, but this op is binary")
+            raise _wrong_kind(op, "arrived as text, but this op is binary")
         return Unknown(op, d)
     data = _as_bytes(frame)
     if not data:
-        raise ProtocolError("empty binary client frame")
+        raise FrameDecodeError("empty binary client frame")
     op = data[0]
     binary_decoder = _CLIENT_BINARY.get(op)
     if binary_decoder is not None:
         return binary_decoder(data[1:])
     if op in _CLIENT_JSON:
-        raise _fail(op, "arrived as binary, but this op is JSON")
+        raise _wrong_kind(op, "arrived as binary, but this op is JSON")
     return Unknown(op, data[1:])
 
 

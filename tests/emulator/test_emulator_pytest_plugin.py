@@ -1,0 +1,106 @@
+"""The ``discord_emulator`` fixture, as a user's test suite meets it: pytester runs inner sessions in-process.
+
+The plugin is the installed ``pytest11`` entry point, so the inner sessions find it exactly as a user's would,
+under pytest-asyncio's auto mode and its strict mode.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# Imported here, before the inner sessions: pytester drops the modules an inner session imported, and
+# cryptography's Rust core cannot have its Python classes imported a second time in one process.
+import cordvoice.emulator.fixture
+import cordvoice.gateway  # noqa: F401
+
+pytest_plugins = ["pytester"]
+
+INNER_OPTIONS = ("-o", "asyncio_default_fixture_loop_scope=function", "-p", "no:cacheprovider", "-q")
+
+USER_TESTS = """
+import asyncio
+
+import pytest
+
+from cordvoice.emulator import DiscordEmulator
+from cordvoice.gateway import Client
+
+SEEN = []
+
+
+{mark}
+async def test_a_bot_joins_voice_in_the_fixture_world(discord_emulator):
+    emu = discord_emulator
+    SEEN.append(emu)
+    assert isinstance(emu, DiscordEmulator)
+    assert emu.gateway_url.startswith("ws://127.0.0.1:") and emu.voice_ssl is False
+    assert emu.state.channel(emu.channel_id).dave_required
+    assert emu.state.channel(emu.stage_channel_id).is_stage
+    assert emu.state.guild(emu.guild_id).members.keys() == {{emu.bot.user_id}}
+    listener = await emu.listener()
+    assert listener.dave_protocol_version == 1
+    async with Client(emu.bot.token, gateway_url=emu.gateway_url, api_base=emu.api_base) as client:
+        await client.update_voice_state(emu.guild_id, emu.channel_id)
+        async with asyncio.timeout(5):
+            while client.voice_state(emu.guild_id, emu.bot.user_id) is None:
+                await asyncio.sleep(0.01)
+    await emu.faults.close_client(listener.user_id, 4000)
+    assert await listener.wait_closed() == 4000
+
+
+{mark}
+@pytest.mark.discord_emulator(tls=True, voice_channels=2, stage_channels=0, bots=2)
+async def test_the_marker_configures_the_world(discord_emulator):
+    emu = discord_emulator
+    assert SEEN and SEEN[0].participants == [], "the previous test's emulator was closed"
+    assert emu.gateway_url.startswith("wss://") and emu.ca_file.exists()
+    assert len(emu.world.bots) == 2 and len(emu.world.guilds[0].voice_channels) == 2
+    with pytest.raises(Exception, match="stage_channels=0"):
+        emu.stage_channel
+"""
+
+
+@pytest.mark.parametrize(("mode", "mark"), [("auto", ""), ("strict", "@pytest.mark.asyncio")])
+def test_discord_emulator_fixture_under_pytest_asyncio(
+    pytester: pytest.Pytester, mode: str, mark: str
+) -> None:
+    pytester.makepyfile(test_user_bot=USER_TESTS.format(mark=mark))
+    result = pytester.runpytest_inprocess("-o", f"asyncio_mode={mode}", *INNER_OPTIONS)
+    result.assert_outcomes(passed=2)
+
+
+def test_strict_mode_without_the_asyncio_mark_does_not_silently_pass(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_unmarked="async def test_unmarked(discord_emulator):\n    assert discord_emulator.bot\n"
+    )
+    result = pytester.runpytest_inprocess("-o", "asyncio_mode=strict", *INNER_OPTIONS)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) == 0, "pytest skips or fails unmarked async tests in strict mode"
+
+
+def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--markers", *INNER_OPTIONS)
+    result.stdout.fnmatch_lines(["*discord_emulator(**options)*"])
+
+
+def test_the_plugin_imports_no_emulator_module() -> None:
+    code = (
+        "import sys, cordvoice.emulator.pytest_plugin; "
+        "print(sorted(m for m in sys.modules if m.startswith('cordvoice.emulator')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "['cordvoice.emulator', 'cordvoice.emulator.pytest_plugin']"
+
+
+@pytest.mark.xfail(
+    reason="cordvoice/__init__.py imports the whole client stack (PyAV, davey) eagerly", strict=False
+)
+def test_loading_the_plugin_does_not_import_pyav_or_davey() -> None:
+    code = (
+        "import sys, cordvoice.emulator.pytest_plugin; print('av' in sys.modules or 'davey' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
