@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from cordvoice.errors import (
     AudioError,
     ConnectionClosedError,
@@ -16,23 +18,64 @@ from cordvoice.errors import (
     ProtocolError,
     VoiceError,
 )
-from cordvoice.events import (
-    ClientConnectEvent,
-    ClientDisconnectEvent,
-    DaveEpochEvent,
-    DisconnectedEvent,
-    MovedEvent,
-    ReadyEvent,
-    ReconnectAction,
-    ReconnectingEvent,
-    ResumedEvent,
-    SessionEvent,
-    SpeakingEvent,
-)
-from cordvoice.reconnect import ReconnectConfig
-from cordvoice.session import Session, SessionState, SessionStats
-from cordvoice.voice import Voice
-from cordvoice.voicegateway.messages import SpeakingFlag
+
+if TYPE_CHECKING:
+    from cordvoice.events import (
+        ClientConnectEvent,
+        ClientDisconnectEvent,
+        DaveEpochEvent,
+        DisconnectedEvent,
+        MovedEvent,
+        ReadyEvent,
+        ReconnectAction,
+        ReconnectingEvent,
+        ResumedEvent,
+        SessionEvent,
+        SpeakingEvent,
+    )
+    from cordvoice.reconnect import ReconnectConfig
+    from cordvoice.session import Session, SessionState, SessionStats
+    from cordvoice.voice import Voice
+    from cordvoice.voicegateway.messages import SpeakingFlag
+
+# The client pulls in davey, PyAV and websockets. Importing them lazily keeps `cordvoice --version`, the
+# pytest plugin (loaded in every test run where cordvoice is installed) and error handling cheap.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "ClientConnectEvent",
+            "ClientDisconnectEvent",
+            "DaveEpochEvent",
+            "DisconnectedEvent",
+            "MovedEvent",
+            "ReadyEvent",
+            "ReconnectAction",
+            "ReconnectingEvent",
+            "ResumedEvent",
+            "SessionEvent",
+            "SpeakingEvent",
+        ),
+        "cordvoice.events",
+    ),
+    "ReconnectConfig": "cordvoice.reconnect",
+    "Session": "cordvoice.session",
+    "SessionState": "cordvoice.session",
+    "SessionStats": "cordvoice.session",
+    "Voice": "cordvoice.voice",
+    "SpeakingFlag": "cordvoice.voicegateway.messages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cordvoice' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -95,9 +95,6 @@ def test_the_plugin_imports_no_emulator_module() -> None:
     assert out.stdout.strip() == "['cordvoice.emulator', 'cordvoice.emulator.pytest_plugin']"
 
 
-@pytest.mark.xfail(
-    reason="cordvoice/__init__.py imports the whole client stack (PyAV, davey) eagerly", strict=False
-)
 def test_loading_the_plugin_does_not_import_pyav_or_davey() -> None:
     code = (
         "import sys, cordvoice.emulator.pytest_plugin; print('av' in sys.modules or 'davey' in sys.modules)"
