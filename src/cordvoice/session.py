@@ -86,7 +86,7 @@ from cordvoice.voicegateway.protocol import (
 
 if TYPE_CHECKING:
     from cordvoice.audio.player import Player
-    from cordvoice.audio.receiver import Receiver
+    from cordvoice.audio.receiver import FrameStream, Receiver
     from cordvoice.audio.sources import SourceLike
     from cordvoice.audio.track import Track
 
@@ -551,6 +551,13 @@ class Session:
             self._check_open()
             self._receiver = Receiver.for_session(self)
         return self._receiver
+
+    def listen(self, user_id: int | None = None, *, pcm: bool = False, maxsize: int = 3000) -> FrameStream:
+        """Incoming frames of every user (or of ``user_id``), with PCM if ``pcm``: ``receiver.listen(...)``.
+
+        ``async with session.listen() as frames: async for frame in frames: ...``
+        """
+        return self.receiver.listen(user_id, pcm=pcm, maxsize=maxsize)
 
     @property
     def receive_hook(self) -> ReceiveHook | None:

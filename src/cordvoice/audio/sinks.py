@@ -1,0 +1,471 @@
+"""Where received audio goes: WAV per user, one mixed WAV, Ogg Opus per user, or a callback.
+
+Attach sinks with :meth:`Receiver.add_sink <cordvoice.audio.receiver.Receiver.add_sink>`. A sink gets every
+frame in playout order per user, on the event loop, and must be quick (buffered file writes are). Every
+recording sink places audio on **one timeline**: sample ``round((frame.timeline_time - start_time) * 48000)``.
+``start_time`` (the receiver's clock, ``time.monotonic()``) defaults to the first frame's time; share a
+:class:`Timeline` (or pass the same value) to align several sinks' files. Because placement comes from the
+timeline, silences stay where they were: a 60 s conversation with pauses records to 60 s, in every file, and
+an event-loop stall does not stretch it. The 3-byte Opus
+silence frames clients send when they stop talking are not audio and are skipped, so trailing silence does
+not stretch a file; ``close(end_time=...)`` pads a file to an exact end instead.
+
+Frames that come too late for their place (already written) are dropped and counted in ``late``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import wave
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from cordvoice.audio.mixer import soft_clip_to_int16
+from cordvoice.audio.oggwriter import OggOpusWriter
+from cordvoice.audio.pcm import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE, SAMPLE_WIDTH, as_array
+from cordvoice.audio.receive_pipeline import VoiceFrame
+from cordvoice.errors import AudioError, InvalidArgumentError
+
+__all__ = [
+    "AudioSink",
+    "CallbackSink",
+    "MixedWavSink",
+    "OggOpusSink",
+    "PerUserOggSink",
+    "PerUserWavSink",
+    "Timeline",
+    "WavSink",
+    "record_to_directory",
+]
+
+logger = logging.getLogger(__name__)
+
+_BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
+_HALF_FRAME: Final = FRAME_SAMPLES // 2
+
+
+@runtime_checkable
+class AudioSink(Protocol):
+    """What a receiver feeds. ``wants_pcm`` makes the receiver decode for it (costly: ask only if needed)."""
+
+    wants_pcm: bool
+
+    def write(self, frame: VoiceFrame) -> None:
+        """Take one frame (on the event loop; must not block for long)."""
+
+    def close(self) -> None:
+        """Finish the output (idempotent)."""
+
+
+class Timeline:
+    """Maps timeline times to sample offsets from one start; sinks sharing a Timeline write aligned files.
+
+    ``start`` None is fixed by the first frame any of the sharing sinks places.
+    """
+
+    __slots__ = ("start",)
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = start
+
+    def offset(self, time: float) -> int:
+        if self.start is None:
+            self.start = time
+        return round((time - self.start) * SAMPLE_RATE)
+
+    def samples_until(self, end_time: float) -> int:
+        if self.start is None:
+            return 0
+        return max(0, round((end_time - self.start) * SAMPLE_RATE))
+
+
+def _open_wav(path: Path) -> wave.Wave_write:
+    try:
+        writer = wave.open(str(path), "wb")  # noqa: SIM115 - closed by the sink's close()
+    except OSError as exc:
+        raise AudioError(f"cannot create {str(path)!r}: {exc}") from exc
+    writer.setnchannels(CHANNELS)
+    writer.setsampwidth(SAMPLE_WIDTH)
+    writer.setframerate(SAMPLE_RATE)
+    return writer
+
+
+class WavSink:
+    """One user's audio as a 48 kHz stereo s16 WAV file, on the timeline (silences kept in place).
+
+    ``user_id`` None takes the first user heard. Lost packets come out as the decoder's concealment.
+    """
+
+    wants_pcm = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        user_id: int | None = None,
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.user_id = user_id
+        self._timeline = timeline or Timeline(start_time)
+        self._writer: wave.Wave_write | None = _open_wav(self.path)
+        self.samples_written = 0
+        self.frames_written = 0
+        self.late = 0
+
+    @property
+    def duration(self) -> float:
+        """Seconds written so far."""
+        return self.samples_written / SAMPLE_RATE
+
+    def write(self, frame: VoiceFrame) -> None:
+        if self.user_id is None:
+            self.user_id = frame.user_id
+        elif frame.user_id != self.user_id:
+            return
+        if frame.is_silence or self._writer is None:
+            return
+        offset = self._timeline.offset(frame.timeline_time)
+        pcm = frame.pcm if frame.pcm is not None else bytes(frame.samples * _BYTES_PER_SAMPLE)
+        gap = offset - self.samples_written
+        if gap > 0:
+            self._write(bytes(gap * _BYTES_PER_SAMPLE))
+        elif gap < 0:
+            skip = -gap * _BYTES_PER_SAMPLE
+            if skip >= len(pcm):
+                self.late += 1
+                return
+            pcm = pcm[skip:]
+        self._write(pcm)
+        self.frames_written += 1
+
+    def _write(self, pcm: bytes) -> None:
+        assert self._writer is not None
+        try:
+            self._writer.writeframesraw(pcm)
+        except OSError as exc:
+            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        self.samples_written += len(pcm) // _BYTES_PER_SAMPLE
+
+    def close(self, end_time: float | None = None) -> None:
+        """Pad to ``end_time`` (on the timeline) if given, then finish the header and close."""
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            if end_time is not None:
+                missing = self._timeline.samples_until(end_time) - self.samples_written
+                if missing > 0:
+                    self._write(bytes(missing * _BYTES_PER_SAMPLE))
+        finally:
+            self._writer = None
+            try:
+                writer.close()
+            except OSError as exc:
+                raise AudioError(f"cannot finish {str(self.path)!r}: {exc}") from exc
+
+
+class PerUserWavSink:
+    """One :class:`WavSink` per user in ``directory`` (created on the user's first frame), one timeline.
+
+    Files are named by ``filename`` (``{user_id}`` is replaced). All of them start at ``start_time`` (default:
+    the first frame of anyone), so they line up sample for sample.
+    """
+
+    wants_pcm = True
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+        filename: str = "{user_id}.wav",
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._filename = filename
+        self._timeline = timeline or Timeline(start_time)
+        self.sinks: dict[int, WavSink] = {}
+        self._closed = False
+
+    @property
+    def paths(self) -> dict[int, Path]:
+        return {user_id: sink.path for user_id, sink in self.sinks.items()}
+
+    @property
+    def late(self) -> int:
+        return sum(sink.late for sink in self.sinks.values())
+
+    def write(self, frame: VoiceFrame) -> None:
+        if self._closed:
+            return
+        sink = self.sinks.get(frame.user_id)
+        if sink is None:
+            path = self.directory / self._filename.format(user_id=frame.user_id)
+            sink = self.sinks[frame.user_id] = WavSink(path, frame.user_id, timeline=self._timeline)
+        sink.write(frame)
+
+    def close(self, end_time: float | None = None) -> None:
+        self._closed = True
+        for sink in self.sinks.values():
+            sink.close(end_time)
+
+
+class MixedWavSink:
+    """Every user mixed into one WAV on the timeline, so pauses and overlaps stay as they happened.
+
+    Frames are summed into a window of ``window`` seconds (users' frames reach the sink within a tick of
+    each other; held frames a little later) and soft-clipped when written. The file runs from
+    ``start_time`` (default: the first frame) to the end of the last frame, or to ``close(end_time)``.
+    """
+
+    wants_pcm = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+        window: float = 1.0,
+    ) -> None:
+        if not 0.1 <= window <= 60.0:
+            raise InvalidArgumentError("window must be between 0.1 and 60 seconds")
+        self.path = Path(path)
+        self._timeline = timeline or Timeline(start_time)
+        self._window = round(window * SAMPLE_RATE)
+        self._capacity = self._window + SAMPLE_RATE
+        self._buffer: npt.NDArray[np.int32] = np.zeros((self._capacity, CHANNELS), dtype=np.int32)
+        self._base = 0  # timeline sample held in _buffer[0]; everything before it is in the file
+        self._end = 0  # end of the latest audio placed
+        self._writer: wave.Wave_write | None = _open_wav(self.path)
+        self.frames_mixed = 0
+        self.late = 0
+
+    @property
+    def samples_written(self) -> int:
+        return self._base
+
+    def write(self, frame: VoiceFrame) -> None:
+        if frame.is_silence or self._writer is None:
+            return
+        offset = self._timeline.offset(frame.timeline_time)
+        if frame.pcm is None:
+            samples = frame.samples
+            data = None
+        else:
+            data = as_array(frame.pcm).reshape(-1, CHANNELS)
+            samples = len(data)
+        end = offset + samples
+        start = max(offset, self._base)
+        if start >= end:
+            self.late += 1
+            return
+        if end - self._base > self._capacity:
+            self._flush(end - self._capacity)
+        if data is not None:
+            self._buffer[start - self._base : end - self._base] += data[start - offset :]
+        self._end = max(self._end, end)
+        self.frames_mixed += 1
+        if self._end - self._base > self._window + SAMPLE_RATE // 2:
+            self._flush(self._end - self._window)
+
+    def _flush(self, until: int) -> None:
+        """Write the timeline up to sample ``until`` and slide the window."""
+        count = until - self._base
+        if count <= 0:
+            return
+        writer = self._writer
+        assert writer is not None
+        buffer = self._buffer
+        held = min(count, self._capacity)
+        chunk = soft_clip_to_int16(buffer[:held].astype(np.float32)).tobytes()
+        try:
+            writer.writeframesraw(chunk)
+            if count > held:
+                writer.writeframesraw(bytes((count - held) * _BYTES_PER_SAMPLE))
+        except OSError as exc:
+            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        if held < self._capacity:
+            buffer[: self._capacity - held] = buffer[held:]
+            buffer[self._capacity - held :] = 0
+        else:
+            buffer[:] = 0
+        self._base = until
+
+    def close(self, end_time: float | None = None) -> None:
+        """Write everything up to the last frame's end (or ``end_time``), finish the header and close."""
+        if self._writer is None:
+            return
+        end = self._end if end_time is None else self._timeline.samples_until(end_time)
+        try:
+            self._flush(end)
+        finally:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as exc:
+                raise AudioError(f"cannot finish {str(self.path)!r}: {exc}") from exc
+
+
+class OggOpusSink:
+    """One user's Opus packets in an Ogg Opus file, exactly as received (no re-encoding).
+
+    Pauses, lost packets and gaps are filled with 20 ms Opus silence frames so the file keeps the
+    timeline; a packet that would overlap audio already written by more than half a frame is dropped
+    (``late``). ``user_id`` None takes the first user heard.
+    """
+
+    wants_pcm = False
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        user_id: int | None = None,
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.user_id = user_id
+        self._timeline = timeline or Timeline(start_time)
+        self._writer: OggOpusWriter | None = OggOpusWriter(self.path)
+        self._final_samples = 0
+        self.late = 0
+        self.packets_written = 0
+
+    @property
+    def samples_written(self) -> int:
+        """Samples placed on the timeline so far (the Ogg granule position)."""
+        return self._writer.samples_written if self._writer is not None else self._final_samples
+
+    def write(self, frame: VoiceFrame) -> None:
+        if self.user_id is None:
+            self.user_id = frame.user_id
+        elif frame.user_id != self.user_id:
+            return
+        writer = self._writer
+        if writer is None or frame.opus is None or frame.is_silence:
+            return
+        offset = self._timeline.offset(frame.timeline_time)
+        gap = offset - writer.samples_written
+        if gap >= _HALF_FRAME:
+            writer.write_silence((gap + _HALF_FRAME) // FRAME_SAMPLES)
+        elif gap <= -_HALF_FRAME:
+            self.late += 1
+            return
+        writer.write(frame.opus, frame.samples)
+        self.packets_written += 1
+
+    def close(self, end_time: float | None = None) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if end_time is not None:
+            missing = self._timeline.samples_until(end_time) - writer.samples_written
+            if missing >= _HALF_FRAME:
+                writer.write_silence((missing + _HALF_FRAME) // FRAME_SAMPLES)
+        self._final_samples = writer.samples_written
+        writer.close()
+
+
+class PerUserOggSink:
+    """One :class:`OggOpusSink` per user in ``directory``, on one timeline (like :class:`PerUserWavSink`)."""
+
+    wants_pcm = False
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+        filename: str = "{user_id}.opus",
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._filename = filename
+        self._timeline = timeline or Timeline(start_time)
+        self.sinks: dict[int, OggOpusSink] = {}
+        self._closed = False
+
+    @property
+    def paths(self) -> dict[int, Path]:
+        return {user_id: sink.path for user_id, sink in self.sinks.items()}
+
+    def write(self, frame: VoiceFrame) -> None:
+        if self._closed:
+            return
+        sink = self.sinks.get(frame.user_id)
+        if sink is None:
+            path = self.directory / self._filename.format(user_id=frame.user_id)
+            sink = self.sinks[frame.user_id] = OggOpusSink(path, frame.user_id, timeline=self._timeline)
+        sink.write(frame)
+
+    def close(self, end_time: float | None = None) -> None:
+        self._closed = True
+        for sink in self.sinks.values():
+            sink.close(end_time)
+
+
+class CallbackSink:
+    """Calls ``callback(frame)`` for every frame (of ``user_id`` only, if given), on the event loop.
+
+    Exceptions from the callback are logged and counted in ``errors``; they never stop the receiver.
+    """
+
+    def __init__(
+        self, callback: Callable[[VoiceFrame], object], *, pcm: bool = False, user_id: int | None = None
+    ) -> None:
+        self._callback = callback
+        self.wants_pcm = pcm
+        self.user_id = user_id
+        self.errors = 0
+        self.calls = 0
+
+    def write(self, frame: VoiceFrame) -> None:
+        if self.user_id is not None and frame.user_id != self.user_id:
+            return
+        self.calls += 1
+        try:
+            self._callback(frame)
+        except Exception:
+            self.errors += 1
+            if self.errors == 1:
+                logger.exception("receive callback failed (further failures are only counted)")
+
+    def close(self) -> None:
+        """Nothing to finish."""
+
+
+def record_to_directory(
+    directory: str | os.PathLike[str],
+    *,
+    per_user_wav: bool = True,
+    mixed_wav: bool = True,
+    per_user_ogg: bool = True,
+    start_time: float | None = None,
+) -> list[AudioSink]:
+    """The usual recording set in ``directory`` (``<user>.wav``, ``mixed.wav``, ``<user>.opus``), aligned.
+
+    Attach each with ``receiver.add_sink``. Pass ``start_time=loop.time()`` when recording starts, and close
+    the sinks with the same ``end_time`` to get files exactly as long as the recording.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    timeline = Timeline(start_time)
+    sinks: list[AudioSink] = []
+    if per_user_wav:
+        sinks.append(PerUserWavSink(folder, timeline=timeline))
+    if mixed_wav:
+        sinks.append(MixedWavSink(folder / "mixed.wav", timeline=timeline))
+    if per_user_ogg:
+        sinks.append(PerUserOggSink(folder, timeline=timeline))
+    return sinks
