@@ -273,11 +273,32 @@ def test_overflow_drops_the_oldest_and_counts_it() -> None:
     jitter = JitterBuffer(max_packets=10)
     for i in range(25):
         jitter.push(i, i * 960, 0.0, payload(i))
-    assert len(jitter) == 10
-    assert jitter.stats.overflow == 15
+    assert len(jitter) <= 10
+    assert jitter.stats.overflow + len(jitter) == 25
+    kept = len(jitter)
     frames = jitter.drain()
     audio = [index_of(f) for f in frames if f.kind is FrameKind.AUDIO]
-    assert audio == list(range(15, 25))
+    assert audio == list(range(25 - kept, 25))
+
+
+def test_overflow_after_a_stall_does_not_keep_the_buffer_full() -> None:
+    """A backlog bigger than the buffer is shed once, not one packet per arrival for the whole talkspurt."""
+    jitter = JitterBuffer(max_packets=20)
+    for i in range(5):  # normal start
+        jitter.push(i, i * 960, i * FRAME, payload(i))
+        jitter.pop(i * FRAME)
+    stall_end = 1.2  # 60 packets were held up and arrive at once
+    for i in range(5, 65):
+        jitter.push(i, i * 960, stall_end, payload(i))
+    shed = jitter.stats.overflow
+    assert shed > 0
+    now = stall_end
+    for i in range(65, 165):  # the stream continues in real time
+        now += FRAME
+        jitter.push(i, i * 960, now, payload(i))
+        jitter.pop(now)
+    assert jitter.stats.overflow == shed  # no further drops once the schedule was pulled forward
+    assert len(jitter) <= 20 // 2 + 3  # what was kept, plus the usual 60 ms of buffering
 
 
 def test_sender_restart_is_confirmed_by_two_consecutive_packets() -> None:

@@ -25,10 +25,11 @@ What comes out is one :class:`JitterFrame` per 20 ms slot, plus gap markers:
   Nothing is concealed across a gap.
 
 Packets that arrive after their slot was played (or skipped) are dropped as ``late``; repeats as
-``duplicates``. The buffer never holds more than ``max_packets``; beyond that the oldest packet is dropped
-(``overflow``). A sequence jump beyond the plausible window is held on probation: if the very next packet
-continues it, the sender restarted its stream and the buffer starts over (``restarts``); otherwise the stray
-packet is ``discarded``. Every dropped packet is counted in :class:`JitterStats`.
+``duplicates``. The buffer never holds more than ``max_packets``; beyond that the oldest half is dropped
+(``overflow``) and the schedule is pulled forward, so a backlog does not leave lasting latency. A
+sequence jump beyond the plausible window is held on probation: if the very next packet continues it,
+the sender restarted its stream and the buffer starts over (``restarts``); otherwise the stray packet is
+``discarded``. Every dropped packet is counted in :class:`JitterStats`.
 """
 
 from __future__ import annotations
@@ -261,8 +262,29 @@ class JitterBuffer:
             entry = _Entry(ext, ts, arrival, payload, samples, min(play, successor.play))
         self._buffer[ext] = entry
         if len(self._buffer) > self.max_packets:
-            del self._buffer[min(self._buffer)]
+            self._shed(arrival)
+
+    def _shed(self, now: float) -> None:
+        """The buffer overflowed: playout fell behind by more than it holds (e.g. after a long stall).
+
+        Dropping one packet per arrival would keep the buffer full, and the latency, for the rest of the
+        talkspurt. Instead drop the oldest down to half the capacity and pull the schedule forward so the
+        newest packet plays ``delay`` from now; the dropped packets surface as a gap.
+        """
+        stats = self.stats
+        for ext in sorted(self._buffer)[: len(self._buffer) - max(1, self.max_packets // 2)]:
+            del self._buffer[ext]
             stats.overflow += 1
+        newest = self._newest
+        if newest is None:
+            return
+        shift = now + self.delay - newest.play
+        if shift < 0:
+            for entry in self._buffer.values():
+                entry.play += shift
+            if newest.ext not in self._buffer:
+                newest.play += shift
+            self._anchor_time += shift
 
     def _schedule_newest(self, ext: int, ts: int, arrival: float) -> None:
         """Keep the schedule for a new newest packet, or start a new one (a talkspurt) when it no longer fits.
