@@ -211,3 +211,23 @@ def test_transition_zero_executes_at_once() -> None:
     client.on_session_description(1, 1, CHANNEL_ID)
     assert client.on_prepare_transition(0, 1) == []
     assert client.pending_transitions == {}
+
+
+def test_a_pending_own_commit_keeps_the_established_group_usable() -> None:
+    """While our commit awaits the server's answer, the current epoch still encrypts and decrypts."""
+    h = _group(1, 2)
+    a, b = h.members[1].client, h.members[2].client
+    joiner, first = h.join(3), h.members[1]
+    while joiner.inbox or joiner.outbox:  # its key package reaches the DS, which proposes the Add
+        if joiner.inbox:
+            h._deliver_to_client(joiner)
+        else:
+            h._deliver_to_server(joiner)
+    while not first.outbox:  # member 1 commits to the Add and now awaits op 29
+        h._deliver_to_client(first)
+    assert a._session is not None and a._session.status == davey.SessionStatus.awaiting_response
+    a.on_execute_transition(999)  # any readiness recomputation in this state must keep the group
+    assert a.ready and a.epoch == 1
+    frame = a.encrypt(OPUS)
+    assert frame is not None and frame != OPUS
+    assert b.decrypt(1, frame) == OPUS

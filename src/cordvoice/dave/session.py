@@ -486,10 +486,19 @@ class DaveClient:
         self._update_ready(out)
 
     def _update_ready(self, out: list[DaveAction]) -> None:
-        """Recompute readiness (davey's own ``ready`` stays True after ``reset()``) and report epochs."""
+        """Recompute readiness (davey's own ``ready`` stays True after ``reset()``) and report epochs.
+
+        An established group (epoch >= 1) stays usable while our own commit awaits the server's answer
+        (``awaiting_response``): davey keeps encrypting and decrypting with the current epoch meanwhile.
+        A pending local group (epoch 0) is never ready, whatever davey's stale ``ready`` says.
+        """
         session = self._session
         self._ready = bool(
-            self._protocol_version and session is not None and session.status == _ACTIVE and session.ready
+            self._protocol_version
+            and session is not None
+            and session.status in (_ACTIVE, _AWAITING_RESPONSE)
+            and session.ready
+            and (session.epoch or 0) >= 1
         )
         epoch = session.epoch if self._ready and session is not None else None
         if epoch != self._reported_epoch:
