@@ -226,7 +226,8 @@ def test_a_pending_own_commit_keeps_the_established_group_usable() -> None:
     while not first.outbox:  # member 1 commits to the Add and now awaits op 29
         h._deliver_to_client(first)
     assert a._session is not None and a._session.status == davey.SessionStatus.awaiting_response
-    a.on_execute_transition(999)  # any readiness recomputation in this state must keep the group
+    a.on_prepare_transition(77, 1)  # an earlier transition executes (op 21 then op 22) meanwhile
+    a.on_execute_transition(77)
     assert a.ready and a.epoch == 1
     frame = a.encrypt(OPUS)
     assert frame is not None and frame != OPUS
