@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("cordvoice.commands.record", "record a voice channel to WAV and Ogg Opus files"),
     "doctor": ("cordvoice.commands.doctor", "check that every dependency works on this machine"),
     "emulate": ("cordvoice.commands.emulate", "run the local Discord emulator, or inject faults into one"),
+    "bench": ("cordvoice.commands.bench", "reproducible benchmarks: send, receive, encode, join, memory"),
 }
 
 _Run = Callable[[argparse.Namespace], int]

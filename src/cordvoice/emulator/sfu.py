@@ -248,6 +248,16 @@ class MediaServer:
     def endpoint_for_ssrc(self, ssrc: int) -> MediaEndpoint | None:
         return self._by_ssrc.get(ssrc)
 
+    def stop_forwarding_to(self, endpoint: MediaEndpoint) -> None:
+        """Send ``endpoint`` none of its channel's audio any more; it stays registered and may still send.
+
+        For load generators (``cordvoice bench``) whose members never read media: the SFU then seals and
+        sends nothing for them. A new Select Protocol (a fresh voice session) forwards to it again.
+        """
+        receivers = self._channels.get(endpoint.channel_id)
+        if receivers is not None and endpoint in receivers:
+            receivers.remove(endpoint)
+
     # ---- datagrams -------------------------------------------------------------------------------
 
     def _read_ready(self) -> None:

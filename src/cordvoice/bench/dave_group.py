@@ -1,0 +1,128 @@
+"""A real DAVE group in memory: the client's DAVE state machine for every member around the emulator's
+delivery service, with messages delivered in FIFO order and no sockets.
+
+The receive and transmit micro-benchmarks need members whose frames are encrypted by real davey sessions
+with real per-sender keys, for hundreds of senders; forming that group through the network would cost more
+than everything measured. Members can join in batches: everyone who joins before :meth:`DaveGroup.settle`
+is added by one commit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from cordvoice.dave.session import (
+    DaveAction,
+    DaveClient,
+    SendCommitWelcome,
+    SendInvalidCommitWelcome,
+    SendKeyPackage,
+    SendTransitionReady,
+)
+from cordvoice.emulator.dave_ds import (
+    DaveDeliveryService,
+    DsAction,
+    SendAnnounceCommit,
+    SendExecuteTransition,
+    SendExternalSender,
+    SendPrepareEpoch,
+    SendPrepareTransition,
+    SendProposals,
+    SendWelcome,
+)
+from cordvoice.errors import DaveError
+
+__all__ = ["DaveGroup"]
+
+_CHANNEL_ID = 1_300_000_000_000_000_001
+
+
+def _deliver(client: DaveClient, action: DsAction) -> list[DaveAction]:
+    if isinstance(action, SendExternalSender):
+        return client.on_external_sender(action.data)
+    if isinstance(action, SendProposals):
+        return client.on_proposals(action.op_type, action.proposals)
+    if isinstance(action, SendAnnounceCommit):
+        return client.on_announce_commit(action.transition_id, action.commit)
+    if isinstance(action, SendWelcome):
+        return client.on_welcome(action.transition_id, action.welcome)
+    if isinstance(action, SendPrepareTransition):
+        return client.on_prepare_transition(action.transition_id, action.protocol_version)
+    if isinstance(action, SendExecuteTransition):
+        return client.on_execute_transition(action.transition_id)
+    if isinstance(action, SendPrepareEpoch):
+        return client.on_prepare_epoch(action.epoch, action.protocol_version)
+    raise DaveError(f"unexpected delivery-service action {action!r}")
+
+
+class DaveGroup:
+    """Members (``DaveClient``) of one channel's DAVE group; ``join`` users, then ``settle``."""
+
+    def __init__(self, channel_id: int = _CHANNEL_ID) -> None:
+        self.channel_id = channel_id
+        self.now = 0.0
+        self.ds = DaveDeliveryService(channel_id, now=0.0)
+        self.clients: dict[int, DaveClient] = {}
+        self._inbox: dict[int, deque[tuple[str, Any]]] = {}
+
+    def join(self, user_id: int) -> DaveClient:
+        """Connect a member (op 4, op 11 both ways); it joins the group at the next :meth:`settle`."""
+        client = DaveClient()
+        others = list(self.clients)
+        self.clients[user_id] = client
+        inbox: deque[tuple[str, Any]] = deque([("description", user_id)])
+        if others:
+            inbox.append(("connect", others))
+        self._inbox[user_id] = inbox
+        for other in others:
+            self._inbox[other].append(("connect", [user_id]))
+        self._route(self.ds.member_connected(user_id, now=self.now))
+        return client
+
+    def settle(self, max_steps: int = 10_000_000) -> None:
+        """Deliver every message until nothing moves (advancing the clock to the next transition timeout)."""
+        for _ in range(max_steps):
+            progressed = False
+            for user_id, inbox in self._inbox.items():
+                if not inbox:
+                    continue
+                progressed = True
+                kind, payload = inbox.popleft()
+                client = self.clients[user_id]
+                if kind == "description":
+                    actions = client.on_session_description(1, payload, self.channel_id)
+                elif kind == "connect":
+                    actions = client.on_clients_connect(payload)
+                else:
+                    actions = _deliver(client, payload)
+                for action in actions:
+                    self._to_server(user_id, action)
+            if not progressed:
+                deadline = self.ds.next_deadline()
+                if deadline is None:
+                    return
+                self.now = max(self.now, deadline)
+                self._route(self.ds.poll(self.now))
+        raise DaveError("the DAVE group did not settle")
+
+    @property
+    def ready(self) -> bool:
+        return all(client.ready for client in self.clients.values())
+
+    def _route(self, outputs: list[tuple[int, DsAction]]) -> None:
+        for user_id, action in outputs:
+            inbox = self._inbox.get(user_id)
+            if inbox is not None:
+                inbox.append(("ds", action))
+
+    def _to_server(self, user_id: int, action: DaveAction) -> None:
+        ds, now = self.ds, self.now
+        if isinstance(action, SendKeyPackage):
+            self._route(ds.key_package_received(user_id, action.data, now=now))
+        elif isinstance(action, SendCommitWelcome):
+            self._route(ds.commit_welcome_received(user_id, action.data, now=now))
+        elif isinstance(action, SendTransitionReady):
+            self._route(ds.transition_ready(user_id, action.transition_id, now=now))
+        elif isinstance(action, SendInvalidCommitWelcome):
+            self._route(ds.invalid_commit_welcome(user_id, action.transition_id, now=now))

@@ -1,0 +1,139 @@
+"""CI smoke runs of every ``cordvoice bench`` subcommand: tiny sizes, no thresholds.
+
+Each test runs the real benchmark (child processes, the emulator, real sockets, davey, libopus) and checks
+only that the report has its documented keys and sane values: the figures themselves are for
+docs/benchmarks.md, measured on a quiet machine, not for CI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from cordvoice import cli
+from cordvoice.bench.encode import run_encode
+from cordvoice.bench.join import run_join
+from cordvoice.bench.memory import run_memory
+from cordvoice.bench.receive import run_receive
+from cordvoice.bench.send import run_send
+
+MACHINE_KEYS = {"date", "cpu", "nproc", "kernel", "python", "packages", "load_average"}
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_lateness(lateness: dict[str, Any]) -> None:
+    assert {"p50", "p99", "max", "count"} <= set(lateness)
+    assert lateness["count"] > 0
+    assert 0 <= lateness["p50"] <= lateness["p99"] <= max(lateness["max"], lateness["p99"])
+
+
+def check_sender(result: dict[str, Any], sessions: int) -> None:
+    assert result["sessions"] == sessions
+    assert result["packets_sent"] > 0 and result["packets_arrived"] > 0
+    assert finite(result["cpu_us_per_packet"]) and result["cpu_us_per_packet"] > 0
+    assert finite(result["core_percent_per_stream"]) and result["core_percent_per_stream"] > 0
+    assert result["packets_lost"] >= 0
+    check_lateness(result["lateness_ms"])
+    assert result["setup"]["setup_s"] > 0
+    assert result["arrivals"]["streams"] == sessions
+
+
+def test_bench_send_with_discordpy_peer() -> None:
+    report = run_send(sessions=2, seconds=1.0, warmup=0.5, dave=True, mode="xchacha", peer="discordpy")
+    assert set(report["machine"]) >= MACHINE_KEYS
+    assert report["benchmark"] == "send" and report["sessions"] == 2
+    for key in ("cpu_us_per_packet", "lateness_ms", "packets_lost", "setup_s", "placement"):
+        assert key in report
+    check_sender(report["cordvoice"], 2)
+    check_sender(report["discordpy"], 2)
+    assert report["cordvoice"]["setup"]["modes"] == ["aead_xchacha20_poly1305_rtpsize"]
+    assert report["discordpy"]["setup"]["dave_versions"] == [1]
+    assert report["cordvoice"]["emulator"]["members_dave_ready"] == 2
+    # the quiet members get no copies (MediaServer.stop_forwarding_to), the bots' packets still arrive
+    assert report["cordvoice"]["emulator"]["members_not_forwarded_to"] == 2
+    assert report["cordvoice"]["arrivals"]["sfu_forwarded"] == 0
+    assert set(report["ratios"]) >= {"cpu_us_per_packet", "lateness_p99"}
+    json.dumps(report)  # JSON-ready
+
+
+def test_bench_send_without_dave_through_write() -> None:
+    report = run_send(sessions=2, seconds=1.0, warmup=0.5, dave=False, mode="aes", feed="write")
+    result = report["cordvoice"]
+    check_sender(result, 2)
+    assert result["setup"]["dave_versions"] == [0]
+    assert result["setup"]["modes"] == ["aead_aes256_gcm_rtpsize"]
+    assert result["process"]["dave_encrypted"] == 0
+
+
+def test_bench_join() -> None:
+    report = run_join(members=(2, 3), runs=1)
+    assert set(report["results"]) == {"members_2", "members_3"}
+    for result in report["results"].values():
+        for key in ("first_heard_ms", "all_heard_ms", "join_channel_ms", "dave_ready_ms"):
+            assert {"median", "p95"} <= set(result[key])
+        first = result["first_heard_ms"]["median"]
+        assert 0 < result["join_channel_ms"]["median"] <= result["dave_ready_ms"]["median"] <= first
+        assert first <= result["all_heard_ms"]["median"] < 30_000
+    assert finite(report["first_heard_ms_2_members"])
+
+
+def test_bench_memory() -> None:
+    report = run_memory(sessions=3, seconds=1.0)
+    assert report["sessions_joined"] == 3
+    for key in ("idle_kib_per_session", "playing_kib_per_session", "rss_baseline_mib"):
+        assert finite(report[key])
+    assert report["rss_baseline_mib"] > 10
+    assert report["frames_sent"] > 0
+
+
+def test_bench_encode() -> None:
+    report = run_encode(streams=2, seconds=0.5, warmup=0.5)
+    for source in ("pcm", "mp3"):
+        codec = report["codec"][source]
+        assert codec["frames"] > 0 and codec["cpu_us_per_frame"] > 0 and codec["streams_per_core"] > 0
+        player = report["player"][source]
+        assert player["streams"] == 2 and player["frames"] > 0
+        assert 0 < player["frames_per_second_per_stream"] < 60
+        assert finite(report["streams_per_core"][source])
+    assert report["codec"]["pcm"]["mean_packet_bytes"] > 100  # 96 kbit/s is 240 bytes per 20 ms
+
+
+def test_bench_command_line_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "memory", "--sessions", "2", "--seconds", "0.5", "--no-dave", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["benchmark"] == "memory" and report["dave"] is False
+    assert report["sessions_joined"] == 2
+
+
+def test_bench_command_line_summary_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "join", "--members", "2,x"]) == 1
+    assert "--members" in capsys.readouterr().err
+    assert cli.main(["bench", "send", "--sessions", "0"]) == 1
+    assert "--sessions" in capsys.readouterr().err
+
+
+def test_bench_receive() -> None:
+    report = run_receive(users=4, seconds=0.5, senders=2)
+    assert report["traffic"]["users"] == 4 and report["traffic"]["senders"] == 2
+    for stage in (
+        "transport_decrypt",
+        "dave_decrypt",
+        "jitter_buffer",
+        "pipeline_to_opus",
+        "pipeline_to_pcm",
+    ):
+        assert report["stages"][stage]["cpu_us_per_packet"] > 0
+    assert report["stages"]["dave_decrypt"]["failures"] == 0
+    for name in ("opus", "pcm"):
+        result = report[name]
+        assert result["packets"] > 0 and result["cpu_us_per_packet"] > 0
+        assert result["undecryptable"] == 0 and result["transport_undecryptable"] == 0
+        assert result["frames_delivered"] > 0
+        assert finite(report["users_per_core"][name])
+    assert report["pcm"]["frames_with_pcm"] > 0
