@@ -99,6 +99,8 @@ _MAX_UNSENT = 32
 """Frames kept for re-sending after a resume (replies that could not go out while the socket died)."""
 _SERVER_UPDATE_GRACE = 0.25
 """After a rejoin's VOICE_STATE_UPDATE, seconds to wait for a VOICE_SERVER_UPDATE before reusing the token."""
+_TICK_INTERVAL = 2.0
+"""Seconds between the protocol core's ``tick`` calls on an established connection (DAVE stall recovery)."""
 
 
 class SessionState(enum.Enum):
@@ -161,9 +163,16 @@ class SessionStats:
     udp_malformed: int
     udp_keepalives: int
     received_per_ssrc: dict[int, int]
+    """Authenticated RTP packets per SSRC (at most ``MAX_TRACKED_SSRCS`` SSRCs are tracked one by one)."""
     dave_encrypted: int
     dave_encrypt_failures: int
     dave_recoveries: int
+    udp_foreign: int = 0
+    """Datagrams from an address other than the voice server's, dropped (also in ``udp_dropped``)."""
+    udp_untracked_ssrcs: int = 0
+    """Authenticated RTP packets of SSRCs beyond those ``received_per_ssrc`` tracks one by one."""
+    replies_dropped: int = 0
+    """Gateway replies that could not be sent while the socket died and did not fit the resend buffer."""
 
 
 class _Interrupt(enum.Enum):
@@ -236,6 +245,7 @@ class Session:
         self._last_close_code: int | None = None
         self._udp_failed = False
         self._unsent: list[str | bytes] = []
+        self._replies_dropped = 0
 
         # The current voice session (one Identify) and its connection.
         self._protocol: VoiceGatewayProtocol | None = None
@@ -409,6 +419,9 @@ class Session:
             dave_encrypted=self._dave_totals[0] + (dave.encrypted if dave else 0),
             dave_encrypt_failures=self._dave_totals[1] + (dave.encrypt_failures if dave else 0),
             dave_recoveries=self._dave_totals[2] + (dave.recoveries if dave else 0),
+            udp_foreign=udp.foreign,
+            udp_untracked_ssrcs=udp.untracked_ssrcs,
+            replies_dropped=self._replies_dropped,
         )
 
     # ==== events ========================================================================================
@@ -1022,11 +1035,17 @@ class Session:
     async def _serve(self, conn: VoiceGatewayConnection, protocol: VoiceGatewayProtocol) -> _Outcome:
         loop = self._loop
         handshake_deadline: float | None = loop.time() + self.config.handshake_timeout
+        next_tick = loop.time() + _TICK_INTERVAL
         while True:
             try:
-                async with asyncio.timeout_at(handshake_deadline):
+                async with asyncio.timeout_at(handshake_deadline or next_tick):
                     frame = await conn.recv()
             except TimeoutError:
+                if handshake_deadline is None:  # a quiet moment on an established connection
+                    next_tick = loop.time() + _TICK_INTERVAL
+                    for output in protocol.tick(loop.time()):
+                        await self._apply(output, conn, protocol)
+                    continue
                 logger.info("guild %d: the voice handshake timed out", self.guild_id)
                 await conn.close(RESUME_CLOSE_CODE, "handshake timeout")
                 return self._take_interrupt_or(
@@ -1066,10 +1085,13 @@ class Session:
     ) -> bool:
         """Carry out one protocol output; True when it completes the handshake."""
         if isinstance(output, Send):
-            if not await conn.send(output.frame) and len(self._unsent) < _MAX_UNSENT:
+            if not await conn.send(output.frame):
                 # The socket died under us. Its seq is acknowledged, so a resume will not replay what
                 # prompted this reply (a key package, a commit, a transition ack): send it again then.
-                self._unsent.append(output.frame)
+                if len(self._unsent) < _MAX_UNSENT:
+                    self._unsent.append(output.frame)
+                else:
+                    self._replies_dropped += 1  # DAVE's stall recovery repairs what these would have said
         elif isinstance(output, HelloReceived):
             conn.start_heartbeat(output.interval, protocol.heartbeat)
         elif isinstance(output, ReadyReceived):
@@ -1081,6 +1103,7 @@ class Session:
             unsent, self._unsent = self._unsent, []
             for frame in unsent:
                 await conn.send(frame)
+            self._last_close_code = None  # a later end must not report the code this resume recovered from
             self._policy.connection_ready(self._loop.time())
             self._set_state(SessionState.READY)
             logger.info("guild %d: voice connection resumed", self.guild_id)
@@ -1139,6 +1162,7 @@ class Session:
         sequence, timestamp = self._lane.continuation() or (0, 0)
         self._sender = RtpSender(ready.ssrc, cipher, sequence=sequence, timestamp=timestamp)
         self._lane.attach(self._sender, protocol.dave)
+        self._last_close_code = None  # a later end must not report the code this connection recovered from
         self._policy.connection_ready(self._loop.time())
         self._set_state(SessionState.READY)
         logger.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cordvoice.dave.frames import OPUS_SILENCE, is_dave_frame
 from cordvoice.dave.session import (
+    STALL_TIMEOUT_S,
     DaveAction,
     DaveClient,
     DaveStats,
@@ -16,6 +17,7 @@ from cordvoice.dave.session import (
 
 __all__ = [
     "OPUS_SILENCE",
+    "STALL_TIMEOUT_S",
     "DaveAction",
     "DaveClient",
     "DaveStats",

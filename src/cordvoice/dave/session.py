@@ -15,6 +15,11 @@ Decisions where the sources are silent:
 * davey switches the sending key as soon as a commit or Welcome is applied, not on op 22; peers that apply
   the commit later cannot decrypt those frames for a moment. :meth:`DaveClient.decrypt` reports them as
   :class:`~cordvoice.errors.DaveKeyPendingError` so the receive path can hold and retry them.
+* A member that stays without a usable group for ``stall_timeout`` seconds while other members are in the
+  call recovers on its own (op 31 and a new key package, as after a failed commit), when the session calls
+  :meth:`DaveClient.check_progress`. Without it a lost op 26 or op 31 (written into a socket that died just
+  before a resume, which replays only what the *server* sent) or a stale op 24 leaves the server believing
+  one thing and the client another, and the member is deaf and mute for the rest of the call.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from cordvoice.errors import DaveDecryptError, DaveKeyPendingError
 
 __all__ = [
     "DOWNGRADE_PASSTHROUGH_S",
+    "STALL_TIMEOUT_S",
     "UPGRADE_PASSTHROUGH_S",
     "DaveAction",
     "DaveClient",
@@ -47,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 UPGRADE_PASSTHROUGH_S = 10
 """After a call moves from version 0 to DAVE, plain frames from peers are still accepted this long."""
+STALL_TIMEOUT_S = 10.0
+"""Seconds without a usable group, with other members present, before a member recovers on its own
+(groups form within a second or two on Discord and in the emulator)."""
 DOWNGRADE_PASSTHROUGH_S = 120
 """A prepared downgrade to version 0 accepts plain frames (discord.py's window; discord.js uses 24 s)."""
 
@@ -116,6 +125,8 @@ class DaveStats:
     decrypted: int = 0
     decrypt_failures: Counter[str] = field(default_factory=Counter)
     recoveries: int = 0
+    stall_recoveries: int = 0
+    """Recoveries started by :meth:`DaveClient.check_progress` (also counted in ``recoveries``)."""
     epoch_changes: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     """davey calls that raised, by call name, and inputs ignored, by reason."""
@@ -132,7 +143,9 @@ class DaveClient:
     Nothing raises out of them except programming errors. Version 0 means passthrough everywhere.
     """
 
-    def __init__(self, *, key_pair: davey.SigningKeyPair | None = None) -> None:
+    def __init__(
+        self, *, key_pair: davey.SigningKeyPair | None = None, stall_timeout: float = STALL_TIMEOUT_S
+    ) -> None:
         self._key_pair = key_pair
         self._session: davey.DaveSession | None = None
         self._protocol_version: int | None = None
@@ -145,6 +158,9 @@ class DaveClient:
         self._reported_epoch: int | None = None
         self._plain_peers_possible = False
         self._encrypt_failing = False
+        self._stall_timeout = stall_timeout
+        self._stalled_since: float | None = None
+        self._last_transition_id = 0
         self.stats = DaveStats()
 
     # ----------------------------------------------------------------------------------------------
@@ -276,6 +292,7 @@ class DaveClient:
 
     def on_announce_commit(self, transition_id: int, commit: bytes) -> list[DaveAction]:
         """Op 29: apply the winning commit; op 23 on success, op 31 and a new key package on failure."""
+        self._last_transition_id = transition_id or self._last_transition_id
         out: list[DaveAction] = []
         session = self._session
         if session is None or not self.dave_required:
@@ -296,6 +313,7 @@ class DaveClient:
 
     def on_welcome(self, transition_id: int, welcome: bytes) -> list[DaveAction]:
         """Op 30: join the group; op 23 on success, op 31 and a new key package on failure."""
+        self._last_transition_id = transition_id or self._last_transition_id
         out: list[DaveAction] = []
         session = self._session
         if session is None or not self.dave_required:
@@ -312,6 +330,7 @@ class DaveClient:
 
     def on_prepare_transition(self, transition_id: int, protocol_version: int) -> list[DaveAction]:
         """Op 21: remember the transition; id 0 executes at once, others are acknowledged (op 23)."""
+        self._last_transition_id = transition_id or self._last_transition_id
         out: list[DaveAction] = []
         self._pending_transitions[transition_id] = protocol_version
         if transition_id == 0:
@@ -349,6 +368,30 @@ class DaveClient:
             self._plain_peers_possible = True  # upgrade from a transport-only call
         self._protocol_version = protocol_version
         self._start_over(out)
+        return out
+
+    def check_progress(self, now: float) -> list[DaveAction]:
+        """Time passing (``now`` in seconds, any monotonic origin): recover from a group that never forms.
+
+        Call it every few seconds. When DAVE is required, other members are in the call and we have had
+        no usable group for ``stall_timeout`` seconds, it answers op 31 (with the last transition id seen)
+        and a fresh key package, so the server removes whatever it thinks we hold and adds us again.
+        """
+        if self._ready or not self.dave_required or not (self._recognized - {self._user_id}):
+            self._stalled_since = None
+            return []
+        if self._stalled_since is None:
+            self._stalled_since = now
+            return []
+        if now - self._stalled_since < self._stall_timeout:
+            return []
+        self._stalled_since = now
+        self.stats.stall_recoveries += 1
+        logger.warning(
+            "DAVE group not ready for %.0f s with other members in the call; recovering", self._stall_timeout
+        )
+        out: list[DaveAction] = []
+        self._recover(self._last_transition_id, out)
         return out
 
     def on_clients_connect(self, user_ids: Iterable[int]) -> list[DaveAction]:

@@ -73,6 +73,7 @@ from cordvoice.voicegateway.messages import (
     decode_server,
     encode_client,
 )
+from cordvoice.wirelog import WIRE_LOGGER
 
 __all__ = ["Participant", "ParticipantStats", "ReceivedFrame"]
 
@@ -81,6 +82,8 @@ logger = logging.getLogger(__name__)
 _DAVE_MARKER = b"\xfa\xfa"
 _SILENCE_FRAMES = 5
 _MAX_UNMAPPED = 500
+#: SSRCs whose packets are held at once waiting for an op 5; packets of further ones are dropped (counted).
+_MAX_UNMAPPED_SSRCS = 64
 _DISCOVERY_RETRY = 0.5
 _MAX_HEARTBEAT_PERIOD = 5.0
 #: Resumes in a row without a Resumed in between before the participant gives up.
@@ -123,6 +126,8 @@ class ParticipantStats:
     transport_undecryptable: int = 0
     rtcp: int = 0
     unmapped_ssrc: int = 0
+    unmapped_dropped: int = 0
+    """Of those, packets dropped: beyond :data:`_MAX_UNMAPPED` per SSRC, or of too many unnamed SSRCs."""
     """Packets from an SSRC no op 5 had named yet (held and delivered once one does)."""
     dave_undecryptable: Counter[int] = field(default_factory=Counter)
     """Frames per sender that DAVE could not decrypt."""
@@ -591,7 +596,15 @@ class Participant:
                     self._accept(user_id, header, payload, now)
                     return
                 self.stats.unmapped_ssrc += 1
-                held = self._unmapped.setdefault(header.ssrc, deque(maxlen=_MAX_UNMAPPED))
+                held = self._unmapped.get(header.ssrc)
+                if held is None:
+                    if len(self._unmapped) >= _MAX_UNMAPPED_SSRCS:
+                        self.stats.unmapped_dropped += 1
+                        self._notify()
+                        return
+                    held = self._unmapped[header.ssrc] = deque(maxlen=_MAX_UNMAPPED)
+                if len(held) == _MAX_UNMAPPED:
+                    self.stats.unmapped_dropped += 1  # the deque drops the oldest
                 held.append((header, payload, now))
         self._notify()  # a counter moved: waiters on stats re-check
 
@@ -818,4 +831,5 @@ async def _dial(endpoint: str, ssl_context: ssl.SSLContext | None, timeout: floa
         open_timeout=timeout,
         close_timeout=2.0,
         max_size=1 << 20,
+        logger=WIRE_LOGGER,
     )

@@ -68,6 +68,7 @@ from cordvoice.emulator.tls import TlsMaterial
 from cordvoice.emulator.voice_protocol import VoiceServerConfig
 from cordvoice.emulator.voice_server import EmulatedVoiceServer
 from cordvoice.errors import EmulatorError
+from cordvoice.wirelog import WIRE_LOGGER
 
 __all__ = ["Emulator", "VoiceServerFactory", "VoiceServerHandle"]
 
@@ -163,7 +164,7 @@ class Emulator:
         self.participants: list[Participant] = []
         self.faults = Faults(self)
         """Fault injection: closes, crashes, moves, kicks, withheld ACKs, UDP impairment, crafted packets."""
-        self.control_token = secrets.token_urlsafe(18)
+        self.control_token = secrets.token_hex(18)  # hex: never starts with "-", which argparse would misread
         """The secret the control routes (``/_emulator/...``) require: ``Authorization: Emulator <token>``."""
         self.control = ControlApi(self)
         self._server: Server | None = None
@@ -205,6 +206,7 @@ class Emulator:
                 close_timeout=self.close_timeout,
                 max_size=1 << 20,
                 server_header="cordvoice-emulator",
+                logger=WIRE_LOGGER,
             )
             self.port = self._server.sockets[0].getsockname()[1]
             self.rest.gateway_url = self.gateway_url

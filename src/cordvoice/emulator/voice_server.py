@@ -33,6 +33,7 @@ from cordvoice.emulator.voice_protocol import (
 )
 from cordvoice.errors import EmulatorError
 from cordvoice.voicegateway.closecodes import CloseCode
+from cordvoice.wirelog import WIRE_LOGGER
 
 if TYPE_CHECKING:
     from cordvoice.emulator.server import Emulator
@@ -136,6 +137,7 @@ class EmulatedVoiceServer:
                 close_timeout=emulator.close_timeout,
                 max_size=1 << 20,
                 server_header="cordvoice-emulator",
+                logger=WIRE_LOGGER,
             )
         except BaseException:
             media.close()

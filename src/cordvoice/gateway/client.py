@@ -10,8 +10,9 @@ Layers: :class:`GatewayProtocol` is the sans-IO core (payloads in, decisions and
 clock of its own); :class:`Client` is the asyncio shell (one reader, one heartbeat task per socket).
 
 Against the emulator: ``Client(bot.token, gateway_url=emu.gateway_url, api_base=emu.api_base,
-ssl=emu.client_ssl_context())``. Without ``gateway_url`` the client asks ``GET {api_base}/gateway/bot``
-(real Discord by default) with ``urllib`` in a worker thread.
+ssl=emu.client_ssl_context())``. Without ``api_base`` the client uses ``$CORDVOICE_API_BASE`` when set (so
+an unmodified bot can be pointed at ``cordvoice emulate``), else Discord's. Without ``gateway_url`` it asks
+``GET {api_base}/gateway/bot`` with ``urllib`` in a worker thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import random
 import ssl as ssl_module
 import sys
@@ -47,8 +49,10 @@ from cordvoice.gateway.events import (
     parse_voice_server_update,
     parse_voice_state_update,
 )
+from cordvoice.wirelog import WIRE_LOGGER
 
 __all__ = [
+    "API_BASE_VARIABLE",
     "DEFAULT_INTENTS",
     "DISCORD_API_BASE",
     "Client",
@@ -61,6 +65,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DISCORD_API_BASE = "https://discord.com/api/v10"
+API_BASE_VARIABLE = "CORDVOICE_API_BASE"
+"""Environment variable that replaces :data:`DISCORD_API_BASE` when ``Client`` gets no ``api_base``."""
 GATEWAY_VERSION = 10
 _ZLIB_SUFFIX = b"\x00\x00\xff\xff"
 _MAX_MESSAGE = 64 * 1024 * 1024
@@ -170,6 +176,8 @@ class GatewayProtocol:
         self._heartbeat_sent_at = 0.0
         self._inflater: Any = None
         self._buffer = bytearray()
+        self.stream_broken = False
+        """The zlib stream of this socket is unusable (corrupt or oversized message): reconnect."""
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"<GatewayProtocol session={self.session_id!r} seq={self.seq}>"
@@ -188,6 +196,7 @@ class GatewayProtocol:
         """A new socket: fresh zlib stream, no heartbeat outstanding."""
         self._inflater = zlib.decompressobj() if self.compress else None
         self._buffer.clear()
+        self.stream_broken = False
         self._awaiting_ack = False
 
     def decode(self, message: str | bytes) -> dict[str, Any] | None:
@@ -196,14 +205,23 @@ class GatewayProtocol:
             if self._inflater is None:
                 raise ProtocolError("binary gateway message without zlib-stream")
             self._buffer += message
+            if len(self._buffer) > _MAX_MESSAGE:
+                self._buffer.clear()
+                self.stream_broken = True
+                raise ProtocolError(f"compressed gateway message over {_MAX_MESSAGE} bytes")
             if not self._buffer.endswith(_ZLIB_SUFFIX):
                 return None
             try:
-                text: str | bytes = self._inflater.decompress(bytes(self._buffer))
+                # Bounded: a small compressed message must not inflate into gigabytes.
+                text: str | bytes = self._inflater.decompress(bytes(self._buffer), _MAX_MESSAGE + 1)
             except zlib.error as exc:
+                self.stream_broken = True
                 raise ProtocolError(f"corrupt zlib-stream data: {exc}") from None
             finally:
                 self._buffer.clear()
+            if len(text) > _MAX_MESSAGE:
+                self.stream_broken = True
+                raise ProtocolError(f"gateway message inflates to more than {_MAX_MESSAGE} bytes")
         else:
             text = message
         try:
@@ -336,7 +354,7 @@ class Client:
         *,
         intents: int = DEFAULT_INTENTS,
         gateway_url: str | None = None,
-        api_base: str = DISCORD_API_BASE,
+        api_base: str | None = None,
         ssl: ssl_module.SSLContext | None = None,
         compress: bool = False,
         reconnect: bool = True,
@@ -354,7 +372,7 @@ class Client:
         self._token = token.strip().removeprefix("Bot ")
         self._protocol = GatewayProtocol(self._token, intents, compress=compress)
         self._gateway_url = gateway_url
-        self._api_base = api_base.rstrip("/")
+        self._api_base = (api_base or os.environ.get(API_BASE_VARIABLE) or DISCORD_API_BASE).rstrip("/")
         self._ssl = ssl
         self._reconnect = reconnect
         self._backoff_base = backoff_base
@@ -604,13 +622,15 @@ class Client:
         heartbeat: asyncio.Task[None] | None = None
         async with connect(
             url,
-            ssl=self._ssl if url.startswith("wss://") else None,
+            # wss:// needs a context: ours, else websockets' default (ssl=None would be refused).
+            ssl=(self._ssl or True) if url.startswith("wss://") else None,
             compression=None,
             max_size=_MAX_MESSAGE,
             open_timeout=10.0,
             close_timeout=2.0,
             ping_interval=None,
             user_agent_header=_user_agent(),
+            logger=WIRE_LOGGER,
         ) as ws:
             self.stats.connects += 1
             self._ws = ws
@@ -629,6 +649,9 @@ class Client:
                     except ProtocolError as exc:
                         self.stats.malformed_messages += 1
                         logger.warning("dropped a malformed gateway message: %s", exc)
+                        if protocol.stream_broken:  # the zlib stream cannot go on: resume on a new socket
+                            await ws.close(1009, "message too big or corrupt")
+                            break
                         continue
                     if isinstance(event, Hello):
                         got_hello = True

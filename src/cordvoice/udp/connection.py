@@ -1,8 +1,12 @@
 """The voice session's UDP socket: IP discovery, keepalives, sending RTP, and a receive path that survives
 anything.
 
-One connected datagram endpoint per voice session (``remote_addr``: the kernel skips per-packet address
-handling, performance-notes.md §2). It survives voice WebSocket resumes; a fresh Identify gets a new one.
+One connected datagram endpoint per voice session (the kernel skips per-packet address handling,
+performance-notes.md §2). It survives voice WebSocket resumes; a fresh Identify gets a new one. Sending
+calls the connected socket's ``send`` directly, which saves the transport's per-call checks (about 0.5 µs,
+a few percent of a packet's whole cost, docs/benchmarks.md); only when the kernel says "try again" does a
+datagram go through the transport, which queues it, and later ones follow it there until the queue drains,
+so the order never changes.
 
 * :meth:`UdpConnection.discover`: the 74-byte IP discovery, re-sent every ``retry_interval`` (UDP may lose it)
   until an answer or ``timeout``.
@@ -14,12 +18,19 @@ handling, performance-notes.md §2). It survives voice WebSocket resumes; a fres
   receive hook as ``(header, payload, arrival_time)`` after transport decryption (the payload is still a DAVE
   frame in a DAVE call). Nothing a peer sends can raise out of :meth:`datagram_received`.
 * ``dial``: the seed's ``udp.DialFunc``, an async callable ``(host, port) -> socket.socket`` that supplies the
-  socket (bound, and connected or not: it is connected here if it is not).
+  socket (bound, and connected or not: it is connected here if it is not). A socket that stays unconnected
+  anyway is used with ``sendto``.
+* Only the voice server may talk to us: a datagram from any other address is dropped and counted
+  (``foreign``). A connected socket gets that from the kernel already; the check here also covers a dial
+  hook's socket that stayed unconnected, and any event loop that reports what it received differently.
+* Per-SSRC packet counts are kept for at most :data:`MAX_TRACKED_SSRCS` SSRCs; packets of further SSRCs are
+  counted together (``untracked_ssrcs``), so a flood of SSRCs cannot grow memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
@@ -36,6 +47,7 @@ from cordvoice.udp.rtp import RtpHeader, is_rtcp
 
 __all__ = [
     "KEEPALIVE_INTERVAL",
+    "MAX_TRACKED_SSRCS",
     "DialFunc",
     "ReceiveHook",
     "UdpConnection",
@@ -45,6 +57,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEEPALIVE_INTERVAL = 5.0
+MAX_TRACKED_SSRCS = 256
+"""SSRCs whose packets ``UdpStats.per_ssrc`` counts one by one (a call has at most a few dozen senders)."""
 _MAX_DATAGRAM = 4096
 _KEEPALIVE = struct.Struct("<I4x")
 
@@ -71,12 +85,16 @@ class UdpStats:
     discovery: int = 0
     socket_errors: int = 0
     hook_errors: int = 0
+    foreign: int = 0
+    """Datagrams from an address other than the voice server's (dropped unread)."""
     per_ssrc: Counter[int] = field(default_factory=Counter)
+    untracked_ssrcs: int = 0
+    """Authenticated RTP packets of SSRCs beyond the first :data:`MAX_TRACKED_SSRCS` (not in ``per_ssrc``)."""
 
     @property
     def dropped(self) -> int:
         """Received datagrams that were neither RTP handed on nor RTCP/discovery answers."""
-        return self.undecryptable + self.malformed + self.before_key
+        return self.undecryptable + self.malformed + self.before_key + self.foreign
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -90,7 +108,7 @@ class _Protocol(asyncio.DatagramProtocol):
             transport.max_size = _MAX_DATAGRAM
 
     def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
-        self._owner._received(data)
+        self._owner._received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable while the server restarts) land here; they are not fatal.
@@ -113,6 +131,12 @@ class UdpConnection:
         self.on_lost: Callable[[Exception | None], None] | None = None
         """Called once if the socket dies by itself (not after :meth:`close`)."""
         self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._source: tuple[object, object] | None = None
+        """The only address datagrams are accepted from: the voice server's, as the kernel reports it."""
+        self._send_to: tuple[str, int] | None = None
+        """Where ``sendto`` sends when the socket is not connected (None: connected, ``send`` is used)."""
+        self._queued = False
         self._discovery: asyncio.Future[discovery.DiscoveryResult] | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._keepalive_count = 0
@@ -131,24 +155,22 @@ class UdpConnection:
         loop = asyncio.get_running_loop()
         connection = cls((host, port), stats)
         try:
-            if dial is None:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _Protocol(connection), remote_addr=(host, port)
-                )
-            else:
-                sock = await dial(host, port)
-                try:
-                    _connect_if_needed(sock, host, port)
-                    sock.setblocking(False)
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda: _Protocol(connection), sock=sock
-                    )
-                except BaseException:
-                    sock.close()
-                    raise
+            sock = await dial(host, port) if dial is not None else await _connected_socket(loop, host, port)
+            try:
+                _connect_if_needed(sock, host, port)
+                connection._source = _peer(sock)
+                if connection._source is None:  # a dial hook's socket that would not connect
+                    connection._send_to = (host, port)
+                    connection._source = (_canonical_host(host), port)
+                sock.setblocking(False)
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(connection), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         except OSError as exc:
             raise VoiceError(f"could not open a UDP socket to the voice server {host}:{port}: {exc}") from exc
         connection._transport = transport
+        connection._sock = sock
         connection._schedule_keepalive(loop)
         return connection
 
@@ -168,12 +190,31 @@ class UdpConnection:
     # ---- sending ---------------------------------------------------------------------------------
 
     def send(self, datagram: bytes) -> bool:
-        """Send one datagram now; False (counted) if the socket is closed."""
-        transport = self._transport
-        if transport is None or self._closing:
+        """Send one datagram now; False (counted) if the socket is closed or refuses it."""
+        transport, sock = self._transport, self._sock
+        if transport is None or sock is None or self._closing:
             self.stats.send_errors += 1
             return False
-        transport.sendto(datagram)
+        send_to = self._send_to
+        if self._queued:
+            if _queued_bytes(transport):
+                transport.sendto(datagram, send_to)  # behind the queued ones
+                self.stats.sent += 1
+                return True
+            self._queued = False
+        try:
+            if send_to is None:
+                sock.send(datagram)
+            else:
+                sock.sendto(datagram, send_to)
+        except (BlockingIOError, InterruptedError):
+            self._queued = True
+            # The transport queues it and sends it once the socket is writable.
+            transport.sendto(datagram, send_to)
+        except OSError as exc:  # e.g. an ICMP "port unreachable" reported on the connected socket
+            self.stats.socket_errors += 1
+            logger.debug("voice UDP send failed: %s", exc)
+            return False
         self.stats.sent += 1
         return True
 
@@ -211,9 +252,13 @@ class UdpConnection:
 
     # ---- receiving -------------------------------------------------------------------------------
 
-    def _received(self, data: bytes) -> None:  # the hot path; must never raise
+    def _received(self, data: bytes, addr: tuple[object, ...]) -> None:  # the hot path; must never raise
         stats = self.stats
         stats.received += 1
+        source = self._source
+        if source is not None and (addr[1] != source[1] or addr[0] != source[0]):
+            stats.foreign += 1
+            return
         arrival = time.monotonic()
         if len(data) == discovery.PACKET_SIZE and data[:2] == b"\x00\x02":
             self._discovery_answer(data)
@@ -234,7 +279,14 @@ class UdpConnection:
             stats.malformed += 1
             return
         stats.rtp += 1
-        stats.per_ssrc[header.ssrc] += 1
+        per_ssrc = stats.per_ssrc
+        count = per_ssrc.get(header.ssrc)
+        if count is not None:
+            per_ssrc[header.ssrc] = count + 1
+        elif len(per_ssrc) < MAX_TRACKED_SSRCS:
+            per_ssrc[header.ssrc] = 1
+        else:
+            stats.untracked_ssrcs += 1
         hook = self.receive_hook
         if hook is not None:
             try:
@@ -270,6 +322,7 @@ class UdpConnection:
 
     def _lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._sock = None
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
@@ -288,12 +341,52 @@ class UdpConnection:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        self._sock = None  # the transport owns it and closes it
         transport = self._transport
         if transport is not None:
             transport.close()
 
     def __repr__(self) -> str:
         return f"UdpConnection(remote={self.remote}, local={self.local_address}, closed={self.closed})"
+
+
+def _queued_bytes(transport: asyncio.DatagramTransport) -> int:
+    """Bytes the transport still holds (both asyncio's and uvloop's datagram transports report it)."""
+    size = getattr(transport, "get_write_buffer_size", None)
+    return int(size()) if size is not None else 0
+
+
+async def _connected_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket connected to ``host:port`` (the first address it resolves to)."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{host!r} resolves to no address")
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer(sock: socket.socket) -> tuple[object, object] | None:
+    """``(host, port)`` the socket is connected to, as incoming datagrams name it; None if unconnected."""
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return None
+    return (name[0], name[1])
+
+
+def _canonical_host(host: str) -> str:
+    """The host as the kernel writes it in a datagram's source (IP literals normalised)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 def _connect_if_needed(sock: socket.socket, host: str, port: int) -> None:

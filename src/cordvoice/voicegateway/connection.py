@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from cordvoice.errors import InvalidArgumentError, VoiceError
+from cordvoice.wirelog import WIRE_LOGGER
 
 __all__ = [
     "GATEWAY_VERSION",
@@ -96,6 +97,7 @@ class VoiceGatewayConnection:
                 close_timeout=close_timeout,
                 ping_interval=None,
                 user_agent_header="cordvoice",
+                logger=WIRE_LOGGER,
             )
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             detail = str(exc) or type(exc).__name__

@@ -287,6 +287,12 @@ class VoiceGatewayProtocol:
         self.heartbeats_sent += 1
         return _text(Heartbeat(nonce=nonce, seq_ack=self.seq))
 
+    def tick(self, now: float) -> list[Output]:
+        """Time passing (the shell calls it every couple of seconds): DAVE's recovery from a stalled group."""
+        if not self.established:
+            return []
+        return self._dave(self.dave.check_progress(now))
+
     def select_protocol(self, address: str, port: int) -> str:
         """Op 1 with our discovered address and the mode chosen from Ready."""
         if self.mode is None:

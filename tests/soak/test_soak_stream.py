@@ -1,0 +1,208 @@
+"""Soak: many sessions stream for minutes; memory and the task count stay flat.
+
+The emulator runs in a child process (``cordvoice emulate``), so this process holds nothing but cordvoice: two
+bots, each in every guild, so each guild's voice channel holds one DAVE group of two sessions that send to
+each other. Half the sessions play an Ogg Opus file through the player (passthrough, looped), half feed the
+transmit lane from a provider of pre-encoded frames (``Session.set_provider``).
+
+After a warm-up the resident set size (RSS) and the task count are taken; at the end the RSS must be within
+5% of it and the task count unchanged, every session still ready, in its group, and sending, and the partner's
+packets still arriving.
+
+CI: 100 sessions (50 guilds) for 100 s (20 s of warm-up). Manual (``CORDVOICE_MANUAL=1``): 200 sessions for
+``CORDVOICE_SOAK_SECONDS`` (default 600, 60 s of warm-up). ``CORDVOICE_SOAK_REPORT=path`` writes the samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import json
+import os
+import resource
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cordvoice import Voice
+from cordvoice.audio.opus import OpusEncoder
+from cordvoice.audio.samples import demo_pcm, write_demo_ogg
+from cordvoice.gateway import Client
+from cordvoice.session import Session
+
+MANUAL_SECONDS = float(os.environ.get("CORDVOICE_SOAK_SECONDS", "600"))
+FRAME_BYTES = 3840
+_PAGE = resource.getpagesize()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+class LoopingFrames:
+    """A frame provider that never runs dry: the same real Opus frames, round and round."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self._next = itertools.cycle(frames).__next__
+
+    def pull(self) -> bytes | None:
+        return self._next()
+
+
+def opus_frames(seconds: float) -> list[bytes]:
+    pcm = demo_pcm(seconds)
+    with OpusEncoder(bitrate=64_000) as encoder:
+        return [
+            encoder.encode(pcm[i : i + FRAME_BYTES])
+            for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES)
+        ]
+
+
+@dataclass
+class Sample:
+    t: float
+    rss: int
+    tasks: int
+    frames_sent: int
+    received: int
+
+
+@dataclass
+class SoakReport:
+    sessions: int
+    seconds: float
+    warmup: float
+    samples: list[Sample] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sessions": self.sessions,
+            "seconds": self.seconds,
+            "warmup": self.warmup,
+            "samples": [s.__dict__ for s in self.samples],
+        }
+
+
+async def _start_emulator(guilds: int) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cordvoice", "emulate", "--guilds", str(guilds), "--bots", "2",
+        "--stages", "0", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(60):
+        line = await process.stdout.readline()
+    return process, json.loads(line)
+
+
+def _totals(sessions: list[Session]) -> tuple[int, int]:
+    sent = sum(s.stats.frames_sent for s in sessions)
+    received = sum(sum(s.stats.received_per_ssrc.values()) for s in sessions)
+    return sent, received
+
+
+async def _soak(guilds: int, seconds: float, warmup: float, tmp_path: Path) -> SoakReport:
+    ogg = tmp_path / "soak.ogg"
+    write_demo_ogg(ogg, seconds=8.0)
+    frames = opus_frames(8.0)
+    process, world = await _start_emulator(guilds)
+    clients: list[Client] = []
+    voices: list[Voice] = []
+    sessions: list[Session] = []
+    report = SoakReport(2 * guilds, seconds, warmup)
+    loop = asyncio.get_running_loop()
+    try:
+        for bot in world["bots"]:
+            client = Client(
+                bot["token"], gateway_url=world["gateway_url"], api_base=world["api_base"], send_limit=None
+            )
+            await client.start()
+            clients.append(client)
+            voices.append(Voice(client, ssl=False, join_timeout=60.0))
+        joins = [
+            voice.join_channel(int(guild["id"]), int(guild["voice_channels"][0]["id"]))
+            for voice in voices
+            for guild in world["guilds"]
+        ]
+        async with asyncio.timeout(120):
+            sessions = list(await asyncio.gather(*joins))
+            while not all(s.dave_ready for s in sessions):
+                await asyncio.sleep(0.1)
+        for index, session in enumerate(sessions):
+            if index % 2:
+                session.play(str(ogg), loop=True)
+            else:
+                session.set_provider(LoopingFrames(frames))
+                session.wake()
+        started = loop.time()
+        warm: Sample | None = None
+        while True:
+            elapsed = loop.time() - started
+            if elapsed >= seconds:
+                break
+            await asyncio.sleep(min(5.0, seconds - elapsed))
+            gc.collect()
+            sent, received = _totals(sessions)
+            sample = Sample(
+                round(loop.time() - started, 1), rss_bytes(), len(asyncio.all_tasks()), sent, received
+            )
+            report.samples.append(sample)
+            if warm is None and sample.t >= warmup:
+                warm = sample
+        return report
+    finally:
+        for voice in voices:
+            await voice.close()
+        for client in clients:
+            await client.close()
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()
+        states = [s.state for s in sessions]
+        report_states = {state.value: states.count(state) for state in set(states)}
+        print(json.dumps({"end_states": report_states}))
+        out = os.environ.get("CORDVOICE_SOAK_REPORT")
+        if out:
+            Path(out).write_text(json.dumps(report.as_json(), indent=1))  # noqa: ASYNC240 - once, at the end
+
+
+def _check(report: SoakReport, sessions_expected: int) -> None:
+    samples = report.samples
+    warm = next(s for s in samples if s.t >= report.warmup)
+    end = samples[-1]
+    after = [s for s in samples if s.t >= report.warmup]
+    growth = (end.rss - warm.rss) / warm.rss
+    mib = 2**20
+    peak = max(s.rss for s in after) / mib
+    tasks = sorted(s.tasks for s in after)
+    print(
+        f"soak: {sessions_expected} sessions, {report.seconds:.0f} s; "
+        f"RSS after warm-up {warm.rss / mib:.1f} MiB, "
+        f"at the end {end.rss / mib:.1f} MiB ({growth:+.2%}); max {peak:.1f} MiB; "
+        f"tasks {warm.tasks} -> {end.tasks} (range {tasks[0]}-{tasks[-1]}); "
+        f"frames sent {end.frames_sent}, received {end.received}"
+    )
+    assert abs(growth) <= 0.05, f"RSS grew {growth:+.2%} after warm-up"
+    assert tasks[0] == tasks[-1] == warm.tasks, "the task count moved"
+    # Everyone kept sending and receiving at the full rate over the measured window (50 frames/s/session).
+    window = end.t - warm.t
+    expected = sessions_expected * 50 * window
+    assert end.frames_sent - warm.frames_sent >= 0.95 * expected
+    assert end.received - warm.received >= 0.95 * expected
+
+
+@pytest.mark.slow
+async def test_soak_ci_100_sessions(tmp_path: Path) -> None:
+    report = await _soak(50, 100.0, 20.0, tmp_path)
+    _check(report, 100)
+
+
+@pytest.mark.manual
+async def test_soak_manual(tmp_path: Path) -> None:
+    report = await _soak(100, MANUAL_SECONDS, 60.0, tmp_path)
+    _check(report, 200)
