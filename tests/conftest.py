@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +60,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("manual") is not None:
             item.add_marker(skip)
+
+
+# ---- the emulator in a child process ------------------------------------------------------------------
+EmulatorProcess = Callable[[int], Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+async def emulator_process() -> AsyncIterator[EmulatorProcess]:
+    """Start ``cordvoice emulate`` (N guilds, 2 bots, no stages) in a child process; its details as JSON.
+
+    For tests that measure this process: with the emulator elsewhere, it holds the bots and nothing else.
+    The child is stopped when the test ends.
+    """
+    children: list[asyncio.subprocess.Process] = []
+
+    async def start(guilds: int) -> dict[str, Any]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cordvoice", "emulate", "--guilds", str(guilds), "--bots", "2",
+            "--stages", "0", "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        children.append(process)
+        assert process.stdout is not None
+        async with asyncio.timeout(60):
+            line = await process.stdout.readline()
+        details: dict[str, Any] = json.loads(line)
+        return details
+
+    yield start
+    for process in children:
+        if process.returncode is None:
+            process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()

@@ -11,25 +11,23 @@ import asyncio
 import itertools
 import json
 import os
-import resource
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from cordvoice import AudioError, SessionState, Voice
+from cordvoice import AudioError, SessionState
 from cordvoice.audio import AudioSource, DCASource, SourceLike, TrackEndEvent, TrackErrorEvent, TrackState
 from cordvoice.audio.oggwriter import OggOpusWriter
 from cordvoice.audio.pcm import FRAME_BYTES
 from cordvoice.audio.samples import demo_pcm, tone, write_demo_ogg
 from cordvoice.audio.workers import get_workers
-from cordvoice.gateway import Client
 
 from .playback_helpers import (
     best_lag,
@@ -320,67 +318,21 @@ async def test_playback_1000_short_tracks_leave_nothing_behind(tmp_path: Path) -
         assert grown[2] < 24
 
 
-async def _emulator_process(guilds: int) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-    """``cordvoice emulate`` in a child process, so the loop measured below runs the bots and nothing else."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cordvoice", "emulate", "--guilds", str(guilds), "--bots", "2",
-        "--stages", "0", "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert process.stdout is not None
-    async with asyncio.timeout(60):
-        line = await process.stdout.readline()
-    return process, json.loads(line)
-
-
-async def test_playback_20_sessions_encoding_mp3_keep_the_loop_responsive(tmp_path: Path) -> None:
-    """The bots' own loop: one bot plays an MP3 in 20 DAVE channels, a second bot is in each one listening."""
+async def test_playback_20_sessions_encoding_mp3_keep_the_loop_responsive(
+    tmp_path: Path, emulator_process: Callable[[int], Awaitable[dict[str, Any]]]
+) -> None:
+    """20 DAVE sessions play an MP3 while the bots' loop is measured (in a process of its own)."""
     mp3 = write_mp3(tmp_path / "music.mp3", demo_pcm(12.0))
-    process, info = await _emulator_process(20)
-    clients: list[Client] = []
-    voices: list[Voice] = []
-    try:
-        for bot in info["bots"]:
-            client = Client(
-                bot["token"], gateway_url=info["gateway_url"], api_base=info["api_base"], send_limit=None
-            )
-            await client.start()
-            clients.append(client)
-            voices.append(Voice(client, ssl=False))
-        channels = [(int(g["id"]), int(g["voice_channels"][0]["id"])) for g in info["guilds"]]
-        async with asyncio.timeout(60):
-            listeners = await asyncio.gather(*(voices[1].join_channel(*c) for c in channels))
-            sessions = await asyncio.gather(*(voices[0].join_channel(*c) for c in channels))
-            while not all(s.dave_ready for s in [*sessions, *listeners]):
-                await asyncio.sleep(0.05)
-        tracks = [session.play(mp3) for session in sessions]
-        await asyncio.sleep(1.5)  # every track started
-
-        loop = asyncio.get_running_loop()
-        lags: list[float] = []
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        started = loop.time()
-        sent_before = sum(s.stats.frames_sent for s in sessions)
-        heard_before = sum(sum(s.stats.received_per_ssrc.values()) for s in listeners)
-        while loop.time() - started < 8.0:
-            before = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lags.append((time.perf_counter() - before - 0.005) * 1000)
-        elapsed = loop.time() - started
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        sent = sum(s.stats.frames_sent for s in sessions) - sent_before
-        heard = sum(sum(s.stats.received_per_ssrc.values()) for s in listeners) - heard_before
-        cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-        for track in tracks:
-            track.stop()
-    finally:
-        for voice in voices:
-            await voice.close()
-        for client in clients:
-            await client.close()
-        process.terminate()
-        async with asyncio.timeout(20):
-            await process.wait()
+    info = await emulator_process(20)
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).with_name("loop_lag_bot.py")), str(mp3),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(120):
+        out, _ = await bot.communicate(json.dumps(info).encode() + b"\n")
+    assert bot.returncode == 0, "the bot process failed (its error is above)"
+    report = json.loads(out)
+    lags, sent, elapsed, cpu, heard = (report[k] for k in ("lags_ms", "sent", "elapsed", "cpu", "heard"))
 
     p99 = float(np.percentile(lags, 99))
     print(

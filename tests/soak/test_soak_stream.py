@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import resource
-import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from cordvoice.audio.samples import demo_pcm, write_demo_ogg
 from cordvoice.gateway import Client
 from cordvoice.session import Session
 
+StartEmulator = Callable[[int], Awaitable[dict[str, Any]]]
+"""The ``emulator_process`` fixture (tests/conftest.py)."""
 MANUAL_SECONDS = float(os.environ.get("CORDVOICE_SOAK_SECONDS", "600"))
 FRAME_BYTES = 3840
 _PAGE = resource.getpagesize()
@@ -88,29 +90,23 @@ class SoakReport:
         }
 
 
-async def _start_emulator(guilds: int) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cordvoice", "emulate", "--guilds", str(guilds), "--bots", "2",
-        "--stages", "0", "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert process.stdout is not None
-    async with asyncio.timeout(60):
-        line = await process.stdout.readline()
-    return process, json.loads(line)
-
-
 def _totals(sessions: list[Session]) -> tuple[int, int]:
     sent = sum(s.stats.frames_sent for s in sessions)
     received = sum(sum(s.stats.received_per_ssrc.values()) for s in sessions)
     return sent, received
 
 
-async def _soak(guilds: int, seconds: float, warmup: float, tmp_path: Path) -> SoakReport:
+async def _soak(
+    guilds: int,
+    seconds: float,
+    warmup: float,
+    tmp_path: Path,
+    emulator_process: StartEmulator,
+) -> SoakReport:
     ogg = tmp_path / "soak.ogg"
     write_demo_ogg(ogg, seconds=8.0)
     frames = opus_frames(8.0)
-    process, world = await _start_emulator(guilds)
+    world = await emulator_process(guilds)
     clients: list[Client] = []
     voices: list[Voice] = []
     sessions: list[Session] = []
@@ -160,9 +156,6 @@ async def _soak(guilds: int, seconds: float, warmup: float, tmp_path: Path) -> S
             await voice.close()
         for client in clients:
             await client.close()
-        process.terminate()
-        async with asyncio.timeout(20):
-            await process.wait()
         states = [s.state for s in sessions]
         report_states = {state.value: states.count(state) for state in set(states)}
         print(json.dumps({"end_states": report_states}))
@@ -197,12 +190,12 @@ def _check(report: SoakReport, sessions_expected: int) -> None:
 
 
 @pytest.mark.slow
-async def test_soak_ci_100_sessions(tmp_path: Path) -> None:
-    report = await _soak(50, 100.0, 20.0, tmp_path)
+async def test_soak_ci_100_sessions(tmp_path: Path, emulator_process: StartEmulator) -> None:
+    report = await _soak(50, 100.0, 20.0, tmp_path, emulator_process)
     _check(report, 100)
 
 
 @pytest.mark.manual
-async def test_soak_manual(tmp_path: Path) -> None:
-    report = await _soak(100, MANUAL_SECONDS, 60.0, tmp_path)
+async def test_soak_manual(tmp_path: Path, emulator_process: StartEmulator) -> None:
+    report = await _soak(100, MANUAL_SECONDS, 60.0, tmp_path, emulator_process)
     _check(report, 200)
