@@ -6,7 +6,7 @@
 * :class:`SfuTap` wraps one media server's ``datagram_received`` (an instance attribute, so only that server
   is affected) and records, for every datagram, who sent it and what became of it: the drop counter it moved
   (``before_speaking``, ``paused``, ``unknown_address``, ...) or ``accepted``; and for accepted RTP, which
-  recording participants got a copy (their endpoint's ``forwarded_to_client`` moved), with SSRC and sequence.
+  receivers got a copy (their endpoint's ``forwarded_to_client`` moved), with SSRC and sequence.
 * :func:`udp_drops` reads the kernel's per-socket drop counters from ``/proc/net/udp``.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,26 +82,18 @@ class SendRecorder:
 
 
 @dataclass
-class Listener:
-    """A recording participant as the tap sees it: its user id and its endpoint on one media server."""
-
-    user_id: int
-    endpoint: MediaEndpoint
-
-
-@dataclass
 class SfuTap:
     """Attribution of everything one media server received (see the module docstring)."""
 
     media: MediaServer
-    listeners: Callable[[], list[Listener]]
-    """The recording participants currently on this server."""
+    ignored: frozenset[int] = frozenset()
+    """Receivers whose copies are not attributed (the bots: only the recorders' ledgers need them)."""
     outcomes: Counter[tuple[tuple[Any, ...], str, str]] = field(default_factory=Counter)
     """(source address, kind, outcome) -> datagrams."""
     rtp_outcomes: Counter[tuple[int, str]] = field(default_factory=Counter)
     """(SSRC, outcome) -> RTP datagrams."""
     forwarded: dict[int, Counter[tuple[int, int]]] = field(default_factory=dict)
-    """Listener user id -> (SSRC, sequence) copies the server sealed for it."""
+    """Receiver user id -> (SSRC, sequence) copies the server sealed for it."""
     forwarded_count: Counter[int] = field(default_factory=Counter)
     datagrams: int = 0
 
@@ -113,20 +104,24 @@ class SfuTap:
         def tapped(data: bytes, addr: Any) -> None:
             self.datagrams += 1
             before = counters.copy()
-            listening = [(lst, lst.endpoint.forwarded_to_client) for lst in self.listeners()]
+            kind, ssrc, sequence = classify(data)
+            # Everyone in the sender's channel, as the server sees it now: a recorder is counted from its
+            # endpoint's first packet, even one forwarded before the chaos world had heard of it.
+            sender = self.media.endpoint_for_ssrc(ssrc) if kind == "rtp" else None
+            receivers: list[MediaEndpoint] = self.media._channels.get(sender.channel_id, []) if sender else []
+            listening = [(e, e.forwarded_to_client) for e in receivers if e.user_id not in self.ignored]
             original(data, addr)
             moved = counters - before
-            kind, ssrc, sequence = classify(data)
             outcome = next(iter(moved)) if moved else "accepted"
             self.outcomes[(tuple(addr[:2]), kind, outcome)] += 1
             if kind != "rtp":
                 return
             self.rtp_outcomes[(ssrc, outcome)] += 1
-            for listener, count in listening:
-                copies = listener.endpoint.forwarded_to_client - count
+            for endpoint, count in listening:
+                copies = endpoint.forwarded_to_client - count
                 if copies:
-                    self.forwarded.setdefault(listener.user_id, Counter())[(ssrc, sequence)] += copies
-                    self.forwarded_count[listener.user_id] += copies
+                    self.forwarded.setdefault(endpoint.user_id, Counter())[(ssrc, sequence)] += copies
+                    self.forwarded_count[endpoint.user_id] += copies
 
         self.media.datagram_received = tapped  # type: ignore[method-assign]
 

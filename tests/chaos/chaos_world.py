@@ -38,7 +38,7 @@ from cordvoice.errors import VoiceError
 from cordvoice.gateway import Client
 from cordvoice.reconnect import ReconnectConfig
 
-from .chaos_taps import Listener, SendRecorder, SfuTap, udp_drops
+from .chaos_taps import SendRecorder, SfuTap, udp_drops
 
 logger = logging.getLogger("chaos")
 
@@ -160,8 +160,6 @@ class ChaosWorld:
             wav.writeframes(demo_pcm(4.0))
         self.emu = emu = Emulator(rate_limit=None, voice_servers=2, voice_config=VOICE_CONFIG)
         await emu.start()
-        for server in emu._emulated_voice_servers():
-            self._tap(server.server_id)
         for index in range(GUILDS * BOTS_PER_GUILD):
             bot = emu.create_bot(f"chaos-bot-{index}")
             self.bots.append(
@@ -174,6 +172,8 @@ class ChaosWorld:
                     SendRecorder(index),
                 )
             )
+        for server in emu._emulated_voice_servers():
+            self._tap(server.server_id)
         for g in range(GUILDS):
             members = [b.user_id for b in self.bots if b.guild_index == g]
             guild = emu.create_guild(f"chaos guild {g}", members=members)
@@ -205,14 +205,7 @@ class ChaosWorld:
         assert self.emu is not None
         server = self.emu.voice_server(server_id)
 
-        def listeners() -> list[Listener]:
-            return [
-                Listener(r.participant.user_id, r.endpoint)
-                for r in self.listeners
-                if r.retired is None and r.server_id == server_id
-            ]
-
-        tap = SfuTap(server.media, listeners)
+        tap = SfuTap(server.media, frozenset(bot.user_id for bot in self.bots))
         tap.install()
         self.taps[server_id] = tap
 
