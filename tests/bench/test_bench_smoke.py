@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import pytest
@@ -84,7 +85,10 @@ def test_bench_join() -> None:
 
 
 def test_bench_memory() -> None:
+    cores = os.sched_getaffinity(0)
     report = run_memory(sessions=3, seconds=1.0)
+    # The benchmark pinned this process to one core while it ran; everything after it gets them all back.
+    assert os.sched_getaffinity(0) == cores
     assert report["sessions_joined"] == 3
     for key in ("idle_kib_per_session", "playing_kib_per_session", "rss_baseline_mib"):
         assert finite(report[key])

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from cordvoice.bench.frames import LoopingFrames, opus_frames
-from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement
+from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.events import DaveEpochEvent
 from cordvoice.gateway.client import Client
@@ -111,6 +111,7 @@ def _median_p95(values: list[float]) -> dict[str, float]:
     }
 
 
+@restores_affinity
 def run_join(
     *,
     members: tuple[int, ...] = (2, 10),

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import importlib.metadata
 import os
 import platform
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 __all__ = [
     "CpuSnapshot",
@@ -24,8 +27,12 @@ __all__ = [
     "machine_info",
     "pin_to_core",
     "plan_placement",
+    "restores_affinity",
     "rss_bytes",
 ]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _PACKAGES = (
     "cordvoice",
@@ -118,6 +125,29 @@ def plan_placement() -> Placement:
     if len(cores) < 2:
         return Placement(None, None)
     return Placement(cores[0], cores[1])
+
+
+def restores_affinity(run: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Give the calling process its cores back when ``run`` returns.
+
+    A benchmark pins the process that runs it (:func:`pin_to_core`) to keep it off the measured core. Run from
+    a longer-lived process (a test suite, a notebook) that pin would otherwise outlive the benchmark and
+    squeeze everything the process does afterwards, and every process it starts, onto one core.
+    """
+
+    @functools.wraps(run)
+    def restoring(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            cores = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            return run(*args, **kwargs)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cores)
+
+    return restoring
 
 
 def pin_to_core(core: int | None) -> None:

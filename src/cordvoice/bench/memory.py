@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, rss_bytes
+from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity, rss_bytes
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.send_cordvoice import CordvoiceSender
 
@@ -35,6 +35,7 @@ class MemoryWorker(CordvoiceSender):
         return {"frames_sent": sent, "rss": rss_bytes()}
 
 
+@restores_affinity
 def run_memory(
     *,
     sessions: int = 200,

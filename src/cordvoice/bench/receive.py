@@ -34,7 +34,7 @@ from typing import Any
 
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import opus_frames
-from cordvoice.bench.machine import CpuSnapshot, machine_info, pin_to_core, plan_placement
+from cordvoice.bench.machine import CpuSnapshot, machine_info, pin_to_core, plan_placement, restores_affinity
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import SpyRecording, summarize
 from cordvoice.dave.session import DaveClient
@@ -314,6 +314,7 @@ class Blaster:
         self._sock.close()
 
 
+@restores_affinity
 def run_receive(
     *,
     users: int = 200,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement
+from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import SpyRecording, summarize
 
@@ -37,6 +37,7 @@ PEERS: dict[str, str] = {
 _CORDVOICE = "cordvoice.bench.send_cordvoice:CordvoiceSender"
 
 
+@restores_affinity
 def run_send(
     *,
     sessions: int,
