@@ -20,7 +20,7 @@ import os
 import wave
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -169,53 +169,6 @@ class WavSink:
                 writer.close()
             except OSError as exc:
                 raise AudioError(f"cannot finish {str(self.path)!r}: {exc}") from exc
-
-
-class PerUserWavSink:
-    """One :class:`WavSink` per user in ``directory`` (created on the user's first frame), one timeline.
-
-    Files are named by ``filename`` (``{user_id}`` is replaced). All of them start at ``start_time`` (default:
-    the first frame of anyone), so they line up sample for sample.
-    """
-
-    wants_pcm = True
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        start_time: float | None = None,
-        timeline: Timeline | None = None,
-        filename: str = "{user_id}.wav",
-    ) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._filename = filename
-        self._timeline = timeline or Timeline(start_time)
-        self.sinks: dict[int, WavSink] = {}
-        self._closed = False
-
-    @property
-    def paths(self) -> dict[int, Path]:
-        return {user_id: sink.path for user_id, sink in self.sinks.items()}
-
-    @property
-    def late(self) -> int:
-        return sum(sink.late for sink in self.sinks.values())
-
-    def write(self, frame: VoiceFrame) -> None:
-        if self._closed:
-            return
-        sink = self.sinks.get(frame.user_id)
-        if sink is None:
-            path = self.directory / self._filename.format(user_id=frame.user_id)
-            sink = self.sinks[frame.user_id] = WavSink(path, frame.user_id, timeline=self._timeline)
-        sink.write(frame)
-
-    def close(self, end_time: float | None = None) -> None:
-        self._closed = True
-        for sink in self.sinks.values():
-            sink.close(end_time)
 
 
 class MixedWavSink:
@@ -376,10 +329,78 @@ class OggOpusSink:
         writer.close()
 
 
-class PerUserOggSink:
+_S = TypeVar("_S", WavSink, OggOpusSink)
+
+
+class _PerUser(Generic[_S]):
+    """One file sink per user in ``directory`` (created on the user's first frame), all on one timeline."""
+
+    _sink: type[_S]
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+        filename: str,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._filename = filename
+        self._timeline = timeline or Timeline(start_time)
+        self.sinks: dict[int, _S] = {}
+        self._closed = False
+
+    @property
+    def paths(self) -> dict[int, Path]:
+        return {user_id: sink.path for user_id, sink in self.sinks.items()}
+
+    @property
+    def late(self) -> int:
+        return sum(sink.late for sink in self.sinks.values())
+
+    def write(self, frame: VoiceFrame) -> None:
+        if self._closed:
+            return
+        sink = self.sinks.get(frame.user_id)
+        if sink is None:
+            path = self.directory / self._filename.format(user_id=frame.user_id)
+            sink = self.sinks[frame.user_id] = self._sink(path, frame.user_id, timeline=self._timeline)
+        sink.write(frame)
+
+    def close(self, end_time: float | None = None) -> None:
+        self._closed = True
+        for sink in self.sinks.values():
+            sink.close(end_time)
+
+
+class PerUserWavSink(_PerUser[WavSink]):
+    """One :class:`WavSink` per user in ``directory`` (created on the user's first frame), one timeline.
+
+    Files are named by ``filename`` (``{user_id}`` is replaced). All of them start at ``start_time`` (default:
+    the first frame of anyone), so they line up sample for sample.
+    """
+
+    wants_pcm = True
+    _sink = WavSink
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        start_time: float | None = None,
+        timeline: Timeline | None = None,
+        filename: str = "{user_id}.wav",
+    ) -> None:
+        super().__init__(directory, start_time=start_time, timeline=timeline, filename=filename)
+
+
+class PerUserOggSink(_PerUser[OggOpusSink]):
     """One :class:`OggOpusSink` per user in ``directory``, on one timeline (like :class:`PerUserWavSink`)."""
 
     wants_pcm = False
+    _sink = OggOpusSink
 
     def __init__(
         self,
@@ -389,30 +410,7 @@ class PerUserOggSink:
         timeline: Timeline | None = None,
         filename: str = "{user_id}.opus",
     ) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._filename = filename
-        self._timeline = timeline or Timeline(start_time)
-        self.sinks: dict[int, OggOpusSink] = {}
-        self._closed = False
-
-    @property
-    def paths(self) -> dict[int, Path]:
-        return {user_id: sink.path for user_id, sink in self.sinks.items()}
-
-    def write(self, frame: VoiceFrame) -> None:
-        if self._closed:
-            return
-        sink = self.sinks.get(frame.user_id)
-        if sink is None:
-            path = self.directory / self._filename.format(user_id=frame.user_id)
-            sink = self.sinks[frame.user_id] = OggOpusSink(path, frame.user_id, timeline=self._timeline)
-        sink.write(frame)
-
-    def close(self, end_time: float | None = None) -> None:
-        self._closed = True
-        for sink in self.sinks.values():
-            sink.close(end_time)
+        super().__init__(directory, start_time=start_time, timeline=timeline, filename=filename)
 
 
 class CallbackSink:
