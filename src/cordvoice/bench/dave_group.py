@@ -4,17 +4,20 @@ delivery service, with messages delivered in FIFO order and no sockets.
 The receive and transmit micro-benchmarks need members whose frames are encrypted by real davey sessions
 with real per-sender keys, for hundreds of senders; forming that group through the network would cost more
 than everything measured. Members can join in batches: everyone who joins before :meth:`DaveGroup.settle`
-is added by one commit.
+is added by one commit. The receive tests use it too: ``hold`` a member to let it fall behind the group
+like a slow client, ``leave`` to remove one, ``on_epoch`` to watch the epochs each member reports.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from cordvoice.dave.session import (
     DaveAction,
     DaveClient,
+    EpochChanged,
     SendCommitWelcome,
     SendInvalidCommitWelcome,
     SendKeyPackage,
@@ -65,6 +68,10 @@ class DaveGroup:
         self.ds = DaveDeliveryService(channel_id, now=0.0)
         self.clients: dict[int, DaveClient] = {}
         self._inbox: dict[int, deque[tuple[str, Any]]] = {}
+        self.held: set[int] = set()
+        """Members whose inbox is not delivered for now (:meth:`hold`)."""
+        self.on_epoch: dict[int, Callable[[EpochChanged], None]] = {}
+        """Called with each :class:`EpochChanged` the member reports."""
 
     def join(self, user_id: int) -> DaveClient:
         """Connect a member (op 4, op 11 both ways); it joins the group at the next :meth:`settle`."""
@@ -80,12 +87,28 @@ class DaveGroup:
         self._route(self.ds.member_connected(user_id, now=self.now))
         return client
 
+    def leave(self, user_id: int) -> None:
+        """Disconnect a member (op 13 to the others); the group removes it at the next :meth:`settle`."""
+        del self.clients[user_id]
+        del self._inbox[user_id]
+        self.held.discard(user_id)
+        for inbox in self._inbox.values():
+            inbox.append(("disconnect", user_id))
+        self._route(self.ds.member_disconnected(user_id, now=self.now))
+
+    def hold(self, user_id: int) -> None:
+        self.held.add(user_id)
+
+    def release(self, user_id: int) -> None:
+        self.held.discard(user_id)
+        self.settle()
+
     def settle(self, max_steps: int = 10_000_000) -> None:
         """Deliver every message until nothing moves (advancing the clock to the next transition timeout)."""
         for _ in range(max_steps):
             progressed = False
             for user_id, inbox in self._inbox.items():
-                if not inbox:
+                if not inbox or user_id in self.held:
                     continue
                 progressed = True
                 kind, payload = inbox.popleft()
@@ -94,13 +117,15 @@ class DaveGroup:
                     actions = client.on_session_description(1, payload, self.channel_id)
                 elif kind == "connect":
                     actions = client.on_clients_connect(payload)
+                elif kind == "disconnect":
+                    actions = client.on_client_disconnect(payload)
                 else:
                     actions = _deliver(client, payload)
                 for action in actions:
                     self._to_server(user_id, action)
             if not progressed:
                 deadline = self.ds.next_deadline()
-                if deadline is None:
+                if deadline is None or self.held:  # held members would time every transition out
                     return
                 self.now = max(self.now, deadline)
                 self._route(self.ds.poll(self.now))
@@ -126,3 +151,7 @@ class DaveGroup:
             self._route(ds.transition_ready(user_id, action.transition_id, now=now))
         elif isinstance(action, SendInvalidCommitWelcome):
             self._route(ds.invalid_commit_welcome(user_id, action.transition_id, now=now))
+        elif isinstance(action, EpochChanged):
+            callback = self.on_epoch.get(user_id)
+            if callback is not None:
+                callback(action)
