@@ -77,6 +77,33 @@ class Histogram:
         self.max_ms = max(self.max_ms, other.max_ms)
         self.min_ms = min(self.min_ms, other.min_ms)
 
+    def copy(self) -> Histogram:
+        twin = Histogram(self._bounds)
+        twin._counts = self._counts.copy()
+        twin.count, twin.total_ms = self.count, self.total_ms
+        twin.max_ms, twin.min_ms = self.max_ms, self.min_ms
+        return twin
+
+    def since(self, earlier: Histogram) -> Histogram:
+        """What this histogram recorded after ``earlier`` was copied from it (see :meth:`copy`).
+
+        Counts and the total are exact. An extreme is exact when it was set in that window; otherwise the
+        window's extreme is not known, and the bound of its outermost non-empty bucket stands in for it.
+        """
+        window = Histogram(self._bounds)
+        window._counts = [now - before for now, before in zip(self._counts, earlier._counts, strict=True)]
+        window.count = self.count - earlier.count
+        window.total_ms = self.total_ms - earlier.total_ms
+        filled = [i for i, n in enumerate(window._counts) if n]
+        if filled:
+            top, bottom = filled[-1], filled[0]
+            grew = self.max_ms > earlier.max_ms
+            window.max_ms = self.max_ms if grew else min(self.max_ms, self._bounds[top])
+            fell = self.min_ms < earlier.min_ms
+            floor = self._bounds[bottom - 1] if bottom else 0.0
+            window.min_ms = self.min_ms if fell else max(self.min_ms, floor)
+        return window
+
     def summary(self) -> dict[str, float | int]:
         """p50/p99/max/mean in milliseconds, ready for JSON output."""
         if self.count == 0:

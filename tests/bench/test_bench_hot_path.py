@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cordvoice.audio.clock import SLOT_CAPACITY, Clock, _spread_order, get_clock
+from cordvoice.audio.clock import HEAVY_TICK, SLOT_CAPACITY, Clock, _spread_order, get_clock
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import LoopingFrames, opus_frames
 from cordvoice.bench.process import BenchError, ChildProcess
@@ -47,6 +47,24 @@ async def test_packed_clock_fills_a_slot_before_opening_the_next() -> None:
         sub.cancel()
     assert clock.subscribe(lambda d: None).slot in (0, 5)
     clock.close()
+
+
+async def test_packed_clock_counts_tick_weights_not_streams() -> None:
+    clock = Clock(asyncio.get_running_loop(), slots=20, slot_capacity=SLOT_CAPACITY)
+    light = [clock.subscribe(lambda d: None) for _ in range(SLOT_CAPACITY)]
+    assert len({sub.slot for sub in light}) == 1, "a slot takes SLOT_CAPACITY passthrough streams"
+    heavy = [clock.subscribe(lambda d: None, weight=HEAVY_TICK) for _ in range(25)]
+    heavy_slots = {sub.slot for sub in heavy}
+    assert light[0].slot not in heavy_slots, "the full slot takes no more"
+    assert len(heavy_slots) == 3 and sorted(clock.slot_loads(), reverse=True)[:3] == [100, 100, 100]
+    for sub in heavy[:10]:
+        sub.cancel()
+    loads = sorted(load for load in clock.slot_loads() if load)
+    assert loads == [50, 100, 100], "a cancel gives the weight back"
+    with pytest.raises(InvalidArgumentError):
+        clock.subscribe(lambda d: None, weight=0)
+    clock.close()
+    assert clock.slot_loads() == [0] * 20
 
 
 async def test_packed_clock_spreads_evenly_once_every_slot_is_full() -> None:

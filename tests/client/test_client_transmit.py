@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import pytest
 
-from cordvoice.audio.clock import get_clock
+from cordvoice.audio.clock import HEAVY_TICK, get_clock
 from cordvoice.audio.transmit import SILENCE_FRAMES, FrameQueue, TransmitLane
 from cordvoice.errors import DisconnectedError, InvalidArgumentError
 from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher
@@ -226,3 +227,46 @@ async def test_client_frame_queue_backpressure_close_and_cancel() -> None:
     assert queue.close(DisconnectedError("gone")) == 1
     with pytest.raises(DisconnectedError):
         await queue.put(b"8")
+
+
+class EndlessFrames:
+    def pull(self) -> bytes:
+        return b"f"
+
+
+async def test_client_lane_timestamps_stay_on_wall_time_when_the_clock_skips_ticks() -> None:
+    """After a stall longer than the clock's catch-up, skipped ticks become a timestamp gap, not a shift."""
+    wire = Wire()
+    lane = make_lane(wire)
+    lane.set_provider(EndlessFrames())
+    lane.attach(RtpSender(1, CIPHER), None)
+    lane.wake()
+    async with asyncio.timeout(5):
+        await wait_until(lambda: len(wire.packets) >= 5)
+        sent_before = len(wire.packets)
+        time.sleep(0.15)  # blocking the loop on purpose: a stall of 7 periods
+        await wait_until(lambda: len(wire.packets) >= sent_before + 10)
+    lane.close()
+    assert lane.skipped >= 3, "the clock skipped ticks (more than max_catchup behind)"
+    sequences = [s for s, _, _ in wire.packets]
+    assert sequences == list(range(len(sequences))), "no sequence gap: nothing was lost"
+    steps = [(b - a) // 960 for (_, a, _), (_, b, _) in itertools.pairwise(wire.packets)]
+    assert sum(steps) - (len(steps)) == lane.skipped, "every skipped tick advanced the timestamp once"
+    assert max(steps) == 1 + lane.skipped
+
+
+async def test_client_lane_subscribes_with_its_providers_tick_weight() -> None:
+    class HeavyFrames(EndlessFrames):
+        tick_weight = HEAVY_TICK
+
+    clock = get_clock()
+    lanes = [make_lane(Wire()) for _ in range(2)]
+    lanes[0].set_provider(EndlessFrames())
+    lanes[1].set_provider(HeavyFrames())
+    for lane in lanes:
+        lane.attach(RtpSender(1, CIPHER), None)
+        lane.wake()
+    assert sum(clock.slot_loads()) == 1 + HEAVY_TICK
+    for lane in lanes:
+        lane.close()
+    assert sum(clock.slot_loads()) == 0

@@ -143,3 +143,43 @@ def test_histogram_percentiles_and_merge() -> None:
     assert Histogram().summary()["count"] == 0
     with pytest.raises(InvalidArgumentError):
         h.percentile(101)
+
+
+def test_histogram_since_reports_only_the_window_after_a_copy() -> None:
+    slot = Histogram()
+    for value in (0.1, 7.0, 40.0):
+        slot.record(value)
+    before = slot.copy()
+    for value in (0.6, 1.1, 1.2):
+        slot.record(value)
+    window = slot.since(before)
+    assert window.count == 3 and abs(window.total_ms - 2.9) < 1e-9
+    assert window.percentile(50) == 1.25 and window.max_ms == 1.25, "max not known exactly: its bucket bound"
+    assert window.min_ms == 0.5, "min not known exactly: the lower bound of its bucket"
+    slot.record(60.0)
+    slot.record(-0.5)
+    window = slot.since(before)
+    assert window.max_ms == 60.0 and window.min_ms == -0.5, "extremes set in the window are exact"
+    assert slot.since(slot.copy()).count == 0
+
+
+async def test_subscriptions_read_their_share_of_the_slot_record() -> None:
+    loop = asyncio.get_running_loop()
+    clock = Clock(loop, slots=1)
+    first = clock.subscribe(lambda d: None)
+    async with asyncio.timeout(5):
+        while first.ticks < 3:
+            await asyncio.sleep(0.01)
+        second = clock.subscribe(lambda d: None)
+        while second.ticks < 2:
+            await asyncio.sleep(0.01)
+    first.cancel()
+    frozen = first.ticks
+    assert frozen >= 5 and first.lateness.count == frozen
+    async with asyncio.timeout(5):
+        while second.ticks < frozen:
+            await asyncio.sleep(0.01)
+    assert first.ticks == frozen, "a cancelled subscription's record stops"
+    assert second.ticks < clock.lateness.count, "the later subscription sees only its own ticks"
+    clock.close()
+    assert not second.active and second.ticks >= frozen

@@ -10,11 +10,13 @@ resumes at normal speed instead of racing through the backlog.
 
 Every wake-up of the loop has a fixed price (the timer, ``epoll_wait``, the loop's iteration: 70-120 µs of
 CPU on a virtual machine, docs/benchmarks.md), so the process-wide clock from :func:`get_clock` *packs*
-subscribers: a slot takes up to ``slot_capacity`` streams before the next one opens, and slots open in an
-order that keeps the open ones far apart in the period. Twenty streams then cost two wake-ups per 20 ms
-instead of twenty. The capacity is kept small (:data:`SLOT_CAPACITY`) because a slot's streams do their
-work in one burst, and so do the encoder jobs their players start: larger slots showed in the loop's lag.
-Once every slot is full, new streams spread evenly again. ``slot_capacity=None`` always spreads evenly.
+subscribers: a slot takes streams up to ``slot_capacity`` units of work before the next one opens, and slots
+open in an order that keeps the open ones far apart in the period. A stream says what its tick weighs when it
+subscribes: an Opus passthrough stream weighs 1 (about 10 µs per tick), a player that starts an encoder job
+on its tick weighs :data:`HEAVY_TICK`. A hundred passthrough streams then cost one wake-up per 20 ms instead
+of twenty, while the slots of encoding players stay small, because their encoder jobs start in one burst
+and larger bursts showed in the loop's lag. Once every slot is full, new streams spread evenly over the
+least loaded slots. ``slot_capacity=None`` always spreads evenly.
 """
 
 from __future__ import annotations
@@ -34,10 +36,15 @@ logger = logging.getLogger(__name__)
 FRAME_INTERVAL = 0.020
 """Seconds per Opus frame: Discord voice is 20 ms frames of 48 kHz audio."""
 
-SLOT_CAPACITY = 10
-"""Streams a slot of the shared clock takes before another slot opens (see the module docstring). Measured
-with 20 MP3 players on one loop: 10 keeps the loop lag p99 under 4 ms at 15% less CPU than spreading; 25 or
-50 saved a little more CPU but doubled the lag's p99."""
+SLOT_CAPACITY = 100
+"""Units of tick weight a slot of the shared clock takes before another slot opens (module docstring).
+100 passthrough streams are a 1 ms burst per slot (docs/benchmarks.md: 29 -> 21 µs per packet at 100
+sessions against a capacity of 10)."""
+
+HEAVY_TICK = 10
+"""The weight of a tick that starts an encoder job (a playing :class:`~cordvoice.audio.player.Player`):
+10 such streams per slot. Measured with 20 MP3 players on one loop: 10 per slot keeps the loop lag p99
+under 4 ms at 15% less CPU than spreading; 25 or 50 per slot doubled the lag's p99."""
 
 EARLY_WAKE = 0.002
 """A timer that fires this early (seconds) serves its slot at once instead of re-arming (uvloop)."""
@@ -46,27 +53,72 @@ TickCallback = Callable[[float], None]
 """Called once per period with the absolute deadline (loop time) the tick serves. Must not block."""
 
 
-@dataclass(eq=False)
 class ClockSubscription:
-    """A stream's place on the clock; ``cancel()`` it when the stream ends."""
+    """A stream's place on the clock; ``cancel()`` it when the stream ends.
 
-    callback: TickCallback
-    slot: int
-    on_error: Callable[[BaseException], None] | None = None
-    lateness: Histogram = field(default_factory=Histogram)
-    ticks: int = 0
-    catchup_ticks: int = 0
-    skipped_ticks: int = 0
-    _clock: Clock | None = field(default=None, repr=False)
+    Every stream of a slot is served by the same wake-ups, so the clock keeps the slot's record (lateness,
+    catch-up and skipped ticks) once, not per stream: a subscription reads the part of that record made while
+    it was subscribed. That keeps the per-stream work of a tick down to the callback itself.
+    """
+
+    __slots__ = ("_clock", "_final", "_slot", "_start", "callback", "on_error", "slot", "weight")
+
+    def __init__(
+        self,
+        clock: Clock,
+        slot: _Slot,
+        callback: TickCallback,
+        weight: int,
+        on_error: Callable[[BaseException], None] | None,
+    ) -> None:
+        self.callback = callback
+        self.slot = slot.index
+        self.weight = weight
+        self.on_error = on_error
+        self._clock: Clock | None = clock
+        self._slot = slot
+        self._start = (slot.lateness.copy(), slot.catchup_ticks, slot.skipped_ticks)
+        self._final: tuple[Histogram, int, int] | None = None
 
     @property
     def active(self) -> bool:
         return self._clock is not None
 
+    @property
+    def lateness(self) -> Histogram:
+        """Lateness (ms) of every tick served to this subscription (see :meth:`Histogram.since`)."""
+        return self._record()[0]
+
+    @property
+    def ticks(self) -> int:
+        return self._record()[0].count
+
+    @property
+    def catchup_ticks(self) -> int:
+        """Ticks served late, right after another, to catch up after a stall."""
+        return self._record()[1]
+
+    @property
+    def skipped_ticks(self) -> int:
+        """Ticks never served: the clock re-anchored after a stall longer than its catch-up."""
+        return self._record()[2]
+
     def cancel(self) -> None:
-        clock, self._clock = self._clock, None
+        clock = self._clock
         if clock is not None:
+            self._end()
             clock._remove(self)
+
+    def _end(self) -> None:
+        self._final = self._record()
+        self._clock = None
+
+    def _record(self) -> tuple[Histogram, int, int]:
+        if self._final is not None:
+            return self._final
+        slot = self._slot
+        lateness, catchup, skipped = self._start
+        return slot.lateness.since(lateness), slot.catchup_ticks - catchup, slot.skipped_ticks - skipped
 
 
 @dataclass(eq=False)
@@ -74,7 +126,12 @@ class _Slot:
     index: int
     deadline: float = 0.0
     members: tuple[ClockSubscription, ...] = ()
+    load: int = 0
+    """Sum of the members' weights."""
     scheduled: bool = False
+    lateness: Histogram = field(default_factory=Histogram)
+    catchup_ticks: int = 0
+    skipped_ticks: int = 0
 
 
 class Clock:
@@ -120,6 +177,10 @@ class Clock:
     def subscribers(self) -> int:
         return sum(len(slot.members) for slot in self._slots)
 
+    def slot_loads(self) -> list[int]:
+        """Each slot's total weight, in slot order: how the clock spread its streams."""
+        return [slot.load for slot in self._slots]
+
     def time(self) -> float:
         """The shared clock's notion of now: the event loop's monotonic time."""
         return self._loop.time()
@@ -128,16 +189,22 @@ class Clock:
         self,
         callback: TickCallback,
         *,
+        weight: int = 1,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> ClockSubscription:
         """Call ``callback(deadline)`` every period, starting at the next free phase.
 
-        If the callback raises, the subscription is cancelled, the error is logged and counted, and
+        ``weight`` is what one tick costs relative to an Opus passthrough stream's (1); it decides how many
+        streams share a slot (see the module docstring). If the callback raises, the subscription is
+        cancelled, the error is logged and counted, and
         ``on_error`` (when given) is told, so the owning stream can end with that reason.
         """
-        slot = self._pick_slot()
-        sub = ClockSubscription(callback=callback, slot=slot.index, on_error=on_error, _clock=self)
+        if weight < 1:
+            raise InvalidArgumentError(f"a tick's weight must be at least 1, got {weight}")
+        slot = self._pick_slot(weight)
+        sub = ClockSubscription(self, slot, callback, weight, on_error)
         slot.members = (*slot.members, sub)
+        slot.load += weight
         if not slot.scheduled:
             slot.deadline = self._first_deadline(slot.index)
             self._push(slot)
@@ -147,8 +214,9 @@ class Clock:
         """Stop the timer and drop every subscription (used when the loop shuts down)."""
         for slot in self._slots:
             for sub in slot.members:
-                sub._clock = None
+                sub._end()
             slot.members = ()
+            slot.load = 0
             slot.scheduled = False
         self._heap.clear()
         if self._timer is not None:
@@ -157,28 +225,28 @@ class Clock:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _pick_slot(self) -> _Slot:
+    def _pick_slot(self, weight: int) -> _Slot:
         capacity = self.slot_capacity
         if capacity is not None:
-            packed = self._pick_packed(capacity)
+            packed = self._pick_packed(capacity, weight)
             if packed is not None:
                 return packed
-        # Least-populated slot, scanning from a rotating start so equal slots fill round-robin.
+        # Least-loaded slot, scanning from a rotating start so equal slots fill round-robin.
         n = len(self._slots)
         best = self._slots[self._next_slot]
         for i in range(n):
             candidate = self._slots[(self._next_slot + i) % n]
-            if len(candidate.members) < len(best.members):
+            if candidate.load < best.load:
                 best = candidate
         self._next_slot = (best.index + 1) % n
         return best
 
-    def _pick_packed(self, capacity: int) -> _Slot | None:
+    def _pick_packed(self, capacity: int, weight: int) -> _Slot | None:
         """The fullest open slot with room, else the next empty one in opening order; None if all are full."""
         best: _Slot | None = None
         for slot in self._slots:
-            size = len(slot.members)
-            if 0 < size < capacity and (best is None or size > len(best.members)):
+            load = slot.load
+            if load > 0 and load + weight <= capacity and (best is None or load > best.load):
                 best = slot
         if best is not None:
             return best
@@ -212,6 +280,7 @@ class Clock:
     def _remove(self, sub: ClockSubscription) -> None:
         slot = self._slots[sub.slot]
         slot.members = tuple(m for m in slot.members if m is not sub)
+        slot.load -= sub.weight
         # An emptied slot keeps its heap entry; _wake drops it lazily.
 
     def _wake(self) -> None:
@@ -236,9 +305,7 @@ class Clock:
             for k in range(ticks):
                 self._fire(slot, deadline + k * self.interval, now, catchup=k > 0)
             skipped = behind - self.max_catchup if behind > self.max_catchup else 0
-            if skipped:
-                for sub in slot.members:
-                    sub.skipped_ticks += skipped
+            slot.skipped_ticks += skipped
             slot.deadline = deadline + (ticks + skipped) * self.interval
             if slot.members:
                 heapq.heappush(heap, (slot.deadline, index))
@@ -247,14 +314,12 @@ class Clock:
         self._arm()
 
     def _fire(self, slot: _Slot, deadline: float, now: float, *, catchup: bool) -> None:
-        late_ms = (now - deadline) * 1000.0
+        slot.lateness.record((now - deadline) * 1000.0)
+        if catchup:
+            slot.catchup_ticks += 1
         for sub in slot.members:
             if sub._clock is None:
                 continue
-            sub.ticks += 1
-            if catchup:
-                sub.catchup_ticks += 1
-            sub.lateness.record(late_ms)
             try:
                 sub.callback(deadline)
             except Exception as exc:  # a broken stream must not stop every other stream
@@ -266,7 +331,6 @@ class Clock:
                         sub.on_error(exc)
                     except Exception:
                         logger.exception("clock subscriber's error handler failed")
-
 
 def _spread_order(slots: int) -> list[int]:
     """Slot indices in the order slots open: each next one as far as possible from those already open."""

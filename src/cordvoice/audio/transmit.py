@@ -57,13 +57,19 @@ logger = logging.getLogger(__name__)
 
 SILENCE_FRAMES = 5
 """Silence frames sent after the last audio frame of a talk spurt."""
+_HALF_FRAME = FRAME_INTERVAL / 2
 _MAX_FRAME = 1275 * 3
 """Largest plausible Opus packet for 20 ms (three 1275-byte frames); anything bigger is a caller's mistake."""
 
 
 @runtime_checkable
 class FrameProvider(Protocol):
-    """Whatever feeds a session's transmit lane. ``pull`` is called on the clock tick and must not block."""
+    """Whatever feeds a session's transmit lane. ``pull`` is called on the clock tick and must not block.
+
+    A provider whose ``pull`` does real work (starting an encoder job) says so with an integer attribute
+    ``tick_weight`` (:data:`~cordvoice.audio.clock.HEAVY_TICK`); the clock then puts fewer such streams in
+    one wake-up. Without it a pull counts as cheap (1).
+    """
 
     def pull(self) -> bytes | None:
         """The next 20 ms Opus frame, or None when there is none right now (an underrun)."""
@@ -213,6 +219,8 @@ class TransmitLane:
         self._last_sender: RtpSender | None = None
         self._detached_at: float | None = None
         self._stop_waiters: list[asyncio.Future[None]] = []
+        self._next_deadline = 0.0
+        """The deadline the next tick should serve; a later one means the clock skipped ticks (a stall)."""
         self._closed = False
 
     # ---- state -----------------------------------------------------------------------------------
@@ -304,7 +312,8 @@ class TransmitLane:
         self._idle_since = None
         self._empty_ticks = 0
         self.stats.activations += 1
-        self._sub = self._clock.subscribe(self._tick, on_error=self._tick_failed)
+        weight = getattr(self.provider, "tick_weight", 1)
+        self._sub = self._clock.subscribe(self._tick, weight=weight, on_error=self._tick_failed)
 
     async def stop(self) -> None:
         """Send what the provider still has, then the silence tail, then turn speaking off and go idle.
@@ -336,6 +345,10 @@ class TransmitLane:
 
     def _tick(self, deadline: float) -> None:
         sender = self.sender
+        expected, self._next_deadline = self._next_deadline, deadline + FRAME_INTERVAL
+        if deadline > expected + _HALF_FRAME and expected and sender is not None:
+            # The clock skipped ticks after a stall: keep the RTP timestamp on wall time (a gap, not a shift).
+            sender.skip(round((deadline - expected) / FRAME_INTERVAL))
         if sender is None:
             self.stats.no_transport += 1
             self._no_audio(None, blocked=True)

@@ -102,6 +102,11 @@ class TransportCipher(abc.ABC):
             header = bytes(header)
         return header + self._encrypt(suffix, payload, header) + suffix
 
+    def seal_rtp(self, header: bytes, payload: bytes, nonce: int) -> bytes:
+        """:meth:`seal` for callers that guarantee ``bytes`` arguments and a u32 ``nonce`` (RtpSender)."""
+        suffix = _NONCE.pack(nonce)
+        return header + self._encrypt(suffix, payload, header) + suffix
+
     def open_rtp(self, packet: bytes) -> tuple[RtpHeader, bytes]:
         """Decrypt an RTP packet; return its header and the payload without extension body or padding.
 
@@ -181,6 +186,11 @@ class _AesGcmCipher(TransportCipher):
 
     def _encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         return self._aead.encrypt(nonce + _AES_NONCE_PAD, plaintext, aad)
+
+    def seal_rtp(self, header: bytes, payload: bytes, nonce: int) -> bytes:
+        # The same bytes as the base class, one call shallower: this is the mode almost every packet uses.
+        suffix = _NONCE.pack(nonce)
+        return header + self._aead.encrypt(suffix + _AES_NONCE_PAD, payload, header) + suffix
 
     def _decrypt(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         try:

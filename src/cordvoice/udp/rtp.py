@@ -19,6 +19,7 @@ __all__ = [
     "FRAME_DURATION",
     "FRAME_SAMPLES",
     "HEADER_SIZE",
+    "HEADER_STRUCT",
     "OPUS_PAYLOAD_TYPE",
     "OPUS_SILENCE",
     "RTCP_CLEAR_SIZE",
@@ -48,7 +49,8 @@ RTCP_CLEAR_SIZE = 8
 
 _BYTE0 = RTP_VERSION << 6  # 0x80: V=2, P=0, X=0, CC=0
 _BYTE1 = OPUS_PAYLOAD_TYPE  # 0x78: M=0, PT=120
-_HEADER = struct.Struct(">BBHII")
+HEADER_STRUCT = struct.Struct(">BBHII")
+"""Our fixed 12-byte header: first byte, second byte, sequence, timestamp, SSRC."""
 _EXTENSION_PREAMBLE = struct.Struct(">HH")
 _CSRCS = tuple(struct.Struct(f">{count}I") for count in range(16))
 _RTCP_FIRST = 200
@@ -84,7 +86,7 @@ class RtpHeader(NamedTuple):
 def build_header(sequence: int, timestamp: int, ssrc: int) -> bytes:
     """Our 12-byte RTP header for one Opus packet."""
     try:
-        return _HEADER.pack(_BYTE0, _BYTE1, sequence, timestamp, ssrc)
+        return HEADER_STRUCT.pack(_BYTE0, _BYTE1, sequence, timestamp, ssrc)
     except struct.error:
         raise InvalidArgumentError(
             f"RTP header fields out of range: sequence={sequence} (u16), timestamp={timestamp} (u32), "
@@ -102,7 +104,7 @@ def parse_rtp(packet: bytes) -> RtpHeader:
     size = len(packet)
     if size < HEADER_SIZE:
         raise ProtocolError(f"RTP packet of {size} bytes is shorter than the 12-byte header")
-    byte0, byte1, sequence, timestamp, ssrc = _HEADER.unpack_from(packet)
+    byte0, byte1, sequence, timestamp, ssrc = HEADER_STRUCT.unpack_from(packet)
     if _RTCP_FIRST <= byte1 <= _RTCP_LAST:
         raise ProtocolError(f"packet type byte {byte1} is RTCP, not RTP")
     version = byte0 >> 6

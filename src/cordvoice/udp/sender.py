@@ -11,7 +11,7 @@ import logging
 
 from cordvoice.errors import InvalidArgumentError
 from cordvoice.udp.crypto import TransportCipher
-from cordvoice.udp.rtp import FRAME_SAMPLES, build_header
+from cordvoice.udp.rtp import FRAME_SAMPLES, HEADER_STRUCT, OPUS_PAYLOAD_TYPE, RTP_VERSION
 
 __all__ = ["RtpSender"]
 
@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
+_BYTE0 = RTP_VERSION << 6
 
 
 class RtpSender:
@@ -73,13 +74,20 @@ class RtpSender:
         return self._nonce
 
     def build(self, payload: bytes) -> bytes:
-        """Return the sealed RTP packet for one 20 ms frame and advance the counters."""
-        header = build_header(self._sequence, self._timestamp, self._ssrc)
-        packet = self._cipher.seal(header, payload, self._nonce)
-        self._sequence = (self._sequence + 1) & _U16
-        self._timestamp = (self._timestamp + FRAME_SAMPLES) & _U32
-        self._nonce = (self._nonce + 1) & _U32
-        if not self._nonce:
+        """Return the sealed RTP packet for one 20 ms frame and advance the counters.
+
+        This runs once per packet of every stream, so the header is packed here (every field is in range by
+        construction) and sealed with :meth:`TransportCipher.seal_rtp`, which skips the general checks.
+        """
+        sequence, timestamp, nonce = self._sequence, self._timestamp, self._nonce
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        header = HEADER_STRUCT.pack(_BYTE0, OPUS_PAYLOAD_TYPE, sequence, timestamp, self._ssrc)
+        packet = self._cipher.seal_rtp(header, payload, nonce)
+        self._sequence = (sequence + 1) & _U16
+        self._timestamp = (timestamp + FRAME_SAMPLES) & _U32
+        self._nonce = nonce = (nonce + 1) & _U32
+        if not nonce:
             logger.warning("RTP nonce counter wrapped for ssrc %d; the next packets reuse nonces", self._ssrc)
         return packet
 
