@@ -262,7 +262,6 @@ class Session:
         self._queue = FrameQueue(self.config.queue_frames)
         self._lane = TransmitLane(
             get_clock(self._loop),
-            send=self._send_datagram,
             set_speaking=self._lane_speaking,
             idle_grace=self.config.idle_grace,
         )
@@ -1161,7 +1160,7 @@ class Session:
         udp.cipher = cipher
         sequence, timestamp = self._lane.continuation() or (0, 0)
         self._sender = RtpSender(ready.ssrc, cipher, sequence=sequence, timestamp=timestamp)
-        self._lane.attach(self._sender, protocol.dave)
+        self._lane.attach(self._sender, protocol.dave, udp.send)
         self._last_close_code = None  # a later end must not report the code this connection recovered from
         self._policy.connection_ready(self._loop.time())
         self._set_state(SessionState.READY)
@@ -1204,10 +1203,6 @@ class Session:
         self._ssrc_users.clear()
 
     # ---- sending helpers ---------------------------------------------------------------------------------
-
-    def _send_datagram(self, datagram: bytes) -> bool:
-        udp = self._udp
-        return udp is not None and udp.send(datagram)
 
     def _lane_speaking(self, on: bool) -> None:
         flags = self._flags if on else 0

@@ -57,14 +57,14 @@ class Wire:
 
 
 def make_lane(wire: Wire, *, grace: float = 0.1) -> TransmitLane:
-    return TransmitLane(get_clock(), send=wire.send, set_speaking=wire.speaking.append, idle_grace=grace)
+    return TransmitLane(get_clock(), set_speaking=wire.speaking.append, idle_grace=grace)
 
 
 async def test_client_lane_sends_in_order_then_silence_then_goes_idle() -> None:
     wire, queue = Wire(), FrameQueue(3)
     lane = make_lane(wire)
     lane.set_provider(queue)
-    lane.attach(RtpSender(1, CIPHER, sequence=65530, timestamp=2**32 - 1920), None)
+    lane.attach(RtpSender(1, CIPHER, sequence=65530, timestamp=2**32 - 1920), None, wire.send)
     frames = [bytes([i]) * 20 for i in range(12)]
     async with asyncio.timeout(5):
         for frame in frames:
@@ -87,7 +87,7 @@ async def test_client_lane_underrun_tail_grace_and_timestamp_gap() -> None:
     wire, queue = Wire(), FrameQueue(5)
     lane = make_lane(wire, grace=0.06)
     lane.set_provider(queue)
-    lane.attach(RtpSender(1, CIPHER), None)
+    lane.attach(RtpSender(1, CIPHER), None, wire.send)
     for frame in (b"a", b"b"):
         await queue.put(frame)
     lane.wake()
@@ -111,7 +111,7 @@ async def test_client_lane_does_not_pull_while_dave_is_not_ready() -> None:
     lane = make_lane(wire)
     lane.set_provider(queue)
     dave = FakeDave()
-    lane.attach(RtpSender(1, CIPHER), dave)  # type: ignore[arg-type]
+    lane.attach(RtpSender(1, CIPHER), dave, wire.send)  # type: ignore[arg-type]
     writer = asyncio.ensure_future(asyncio.gather(*(queue.put(bytes([i])) for i in range(4))))
     lane.wake()
     await asyncio.sleep(0.15)
@@ -130,7 +130,7 @@ async def test_client_lane_silence_only_while_dave_becomes_unready_mid_stream() 
     lane = make_lane(wire)
     lane.set_provider(queue)
     dave = FakeDave(ready=True)
-    lane.attach(RtpSender(1, CIPHER), dave)  # type: ignore[arg-type]
+    lane.attach(RtpSender(1, CIPHER), dave, wire.send)  # type: ignore[arg-type]
     await queue.put(b"x")
     lane.wake()
     await wait_until(lambda: wire.payloads() == [b"Ex"])
@@ -148,7 +148,7 @@ async def test_client_lane_waits_without_transport_and_continues_numbering() -> 
     wire, queue = Wire(), FrameQueue(5)
     lane = make_lane(wire)
     lane.set_provider(queue)
-    lane.attach(RtpSender(1, CIPHER, sequence=100), None)
+    lane.attach(RtpSender(1, CIPHER, sequence=100), None, wire.send)
     await queue.put(b"1")
     lane.wake()
     await wait_until(lambda: len(wire.packets) == 1)
@@ -159,7 +159,7 @@ async def test_client_lane_waits_without_transport_and_continues_numbering() -> 
     continuation = lane.continuation()
     assert continuation is not None
     sequence, _ = continuation
-    lane.attach(RtpSender(2, CIPHER, sequence=sequence, timestamp=continuation[1]), None)
+    lane.attach(RtpSender(2, CIPHER, sequence=sequence, timestamp=continuation[1]), None, wire.send)
     await lane.stop()
     assert b"2" in wire.payloads()
     new_first = next(s for s, _, p in wire.packets if p == b"2")
@@ -171,7 +171,7 @@ async def test_client_lane_counts_dropped_frames() -> None:
     lane = make_lane(wire)
     lane.set_provider(queue)
     dave = FakeDave(ready=True, fail=True)
-    lane.attach(RtpSender(1, CIPHER), dave)  # type: ignore[arg-type]
+    lane.attach(RtpSender(1, CIPHER), dave, wire.send)  # type: ignore[arg-type]
     await queue.put(b"will-fail")
     await queue.put(b"x" * 5000)  # larger than any 20 ms Opus packet
     lane.wake()
@@ -239,7 +239,7 @@ async def test_client_lane_timestamps_stay_on_wall_time_when_the_clock_skips_tic
     wire = Wire()
     lane = make_lane(wire)
     lane.set_provider(EndlessFrames())
-    lane.attach(RtpSender(1, CIPHER), None)
+    lane.attach(RtpSender(1, CIPHER), None, wire.send)
     lane.wake()
     async with asyncio.timeout(5):
         await wait_until(lambda: len(wire.packets) >= 5)
@@ -264,7 +264,7 @@ async def test_client_lane_subscribes_with_its_providers_tick_weight() -> None:
     lanes[0].set_provider(EndlessFrames())
     lanes[1].set_provider(HeavyFrames())
     for lane in lanes:
-        lane.attach(RtpSender(1, CIPHER), None)
+        lane.attach(RtpSender(1, CIPHER), None, Wire().send)
         lane.wake()
     assert sum(clock.slot_loads()) == 1 + HEAVY_TICK
     for lane in lanes:

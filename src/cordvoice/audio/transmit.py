@@ -197,12 +197,11 @@ class TransmitLane:
         self,
         clock: Clock,
         *,
-        send: Callable[[bytes], bool],
         set_speaking: Callable[[bool], None],
         idle_grace: float = 0.2,
     ) -> None:
         self._clock = clock
-        self._send = send
+        self._send: Callable[[bytes], bool] = _not_connected
         self._set_speaking = set_speaking
         self._grace_ticks = max(1, round(idle_grace / FRAME_INTERVAL))
         self.provider: FrameProvider | None = None
@@ -282,9 +281,11 @@ class TransmitLane:
         timestamp = (previous.timestamp + FRAME_SAMPLES * self._frames_since(self._detached_at)) & 0xFFFF_FFFF
         return previous.sequence, timestamp
 
-    def attach(self, sender: RtpSender, dave: DaveClient | None) -> None:
-        """A voice connection is ready: send through ``sender`` (the same one after a resume)."""
+    def attach(self, sender: RtpSender, dave: DaveClient | None, send: Callable[[bytes], bool]) -> None:
+        """A voice connection is ready: seal with ``sender`` (the same one after a resume) and hand each
+        datagram to ``send`` (the connection's own, so a packet goes straight to its socket)."""
         self.sender = sender
+        self._send = send
         self._last_sender = sender
         self._detached_at = None
         self.dave = dave
@@ -296,6 +297,7 @@ class TransmitLane:
         if self.sender is not None:
             self._detached_at = self._clock.time()
         self.sender = None
+        self._send = _not_connected
         self.dave = None
         self._silence_left = 0
 
@@ -338,6 +340,7 @@ class TransmitLane:
         self._unsubscribe()
         self._idle_since = None
         self.sender = None
+        self._send = _not_connected
         self.dave = None
         self._release_stop_waiters()
 
@@ -451,3 +454,7 @@ class TransmitLane:
         if since is None:
             return 0
         return max(0, round((self._clock.time() - since) / FRAME_INTERVAL))
+
+
+def _not_connected(datagram: bytes) -> bool:
+    return False
