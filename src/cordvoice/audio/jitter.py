@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Final, NamedTuple
 
@@ -55,6 +54,8 @@ _MAX_DROPOUT: Final = 3000
 _MAX_EARLY: Final = 2.0
 """A packet scheduled this many seconds beyond its arrival + delay has an implausible timestamp."""
 _RECENT: Final = 128
+"""Played packets remembered to classify repeats; more than _MAX_MISORDER, so every packet in the window
+behind the playout point that was played is still remembered (a slot is only overwritten 128 packets on)."""
 
 
 class FrameKind(enum.Enum):
@@ -93,6 +94,12 @@ class JitterFrame(NamedTuple):
     ``OpusDecoder.decode_fec`` to recover this slot from its in-band FEC."""
     lost: int = 0
     """For ``GAP``: packets known to be missing inside the gap (already counted in ``stats.lost``)."""
+
+
+_AUDIO: Final = FrameKind.AUDIO
+_new_frame: Final = tuple.__new__
+"""Builds a :class:`JitterFrame` from a full tuple of its fields without the NamedTuple's Python-level
+``__new__`` (a third of the frame's cost on the per-packet path)."""
 
 
 @dataclass(slots=True)
@@ -161,8 +168,8 @@ class JitterBuffer:
         self._tolerance = frame_samples // 2  # timestamp slack, in samples
         self._time_tolerance = self._tolerance / clock_rate
         self._buffer: dict[int, _Entry] = {}
-        self._recent: set[int] = set()
-        self._recent_order: deque[int] = deque()
+        self._played = [-1] * _RECENT
+        """Recently played packets by extended sequence modulo _RECENT (tells a late packet from a repeat)."""
         self._probation: tuple[int, int, float, bytes, int] | None = None
         self._started = False
         self._next_ext = 0  # next slot to output
@@ -196,7 +203,30 @@ class JitterBuffer:
         if duration <= 0:
             raise InvalidArgumentError("samples must be positive")
         self.stats.received += 1
-        if not self._started:
+        newest = self._newest
+        if newest is not None and self._started and self._probation is None:
+            # The common case, inline: the packet right after the newest one, on the current schedule. It
+            # computes exactly what _accept/_store/_schedule_newest would; anything else takes that path.
+            next_ext = self._next_ext
+            delta = ((sequence - next_ext + 0x8000) & _SEQ_MASK) - 0x8000
+            ext = next_ext + delta
+            if ext == newest.ext + 1 and delta <= _MAX_DROPOUT:
+                next_ts = self._next_ts
+                ts = next_ts + (((timestamp - next_ts + 0x8000_0000) & _TS_MASK) - 0x8000_0000)
+                play = self._anchor_time + (ts - self._anchor_ts) / self.clock_rate
+                if (
+                    abs(ts - newest.ts - newest.samples) <= self._tolerance
+                    and arrival_time <= play <= arrival_time + self.delay + _MAX_EARLY
+                ):
+                    self.stats.accepted += 1
+                    entry = _Entry(ext, ts, arrival_time, payload, duration, play)
+                    self._newest = entry
+                    buffer = self._buffer
+                    buffer[ext] = entry
+                    if len(buffer) > self.max_packets:
+                        self._shed(arrival_time)
+                    return PushResult.ACCEPTED
+        elif not self._started:
             self._start(sequence, timestamp, arrival_time, payload, duration)
             return PushResult.ACCEPTED
         return self._accept(sequence, timestamp, arrival_time, payload, duration)
@@ -216,7 +246,7 @@ class JitterBuffer:
                 self._next_ts = ts
                 self._store(ext, ts, arrival, payload, samples)
                 return PushResult.ACCEPTED
-            if ext in self._recent:
+            if self._played[ext % _RECENT] == ext:
                 stats.duplicates += 1
                 return PushResult.DUPLICATE
             stats.late += 1
@@ -235,8 +265,7 @@ class JitterBuffer:
     def _start(self, sequence: int, timestamp: int, arrival: float, payload: bytes, samples: int) -> None:
         self._started = True
         self._buffer.clear()
-        self._recent.clear()
-        self._recent_order.clear()
+        self._played = [-1] * _RECENT
         self._probation = None
         # Extended numbers start well above zero so early reordering never goes negative (cosmetic).
         self._next_ext = (1 << 16) + sequence
@@ -369,7 +398,49 @@ class JitterBuffer:
     def pop(self, now: float) -> list[JitterFrame]:
         """Return every frame due at ``now`` (possibly none), in playout order."""
         out: list[JitterFrame] = []
-        while (plan := self._plan()) is not None:
+        buffer = self._buffer
+        rate = self.clock_rate
+        while buffer:
+            ext = self._next_ext
+            entry = buffer.get(ext)
+            if entry is not None and not self._gap_lost:
+                # The common case, inline: the next slot's packet is here and follows the last one without
+                # a gap (what _plan/_emit/_gap_before/_advance would do, with the same arithmetic).
+                due = entry.play
+                if due > now:
+                    break
+                last_end = self._last_end
+                if last_end is not None and due < last_end:
+                    due = last_end
+                if last_end is None or round((due - last_end) * rate) <= self._tolerance:
+                    del buffer[ext]
+                    ts = entry.ts
+                    samples = entry.samples
+                    out.append(
+                        _new_frame(
+                            JitterFrame,
+                            (
+                                _AUDIO,
+                                ext & _SEQ_MASK,
+                                ts & _TS_MASK,
+                                due,
+                                samples,
+                                entry.payload,
+                                entry.arrival,
+                                None,
+                                0,
+                            ),
+                        )
+                    )
+                    self._next_ext = ext + 1
+                    self._next_ts = ts + samples
+                    self._last_end = due + samples / rate
+                    self._emitted = True
+                    self._played[ext % _RECENT] = ext
+                    continue
+            plan = self._plan()
+            if plan is None:
+                break
             due, entry, conceal = plan
             if due > now:
                 break
@@ -444,10 +515,7 @@ class JitterBuffer:
         self._last_end = due + samples / self.clock_rate
         self._emitted = True
         if played:
-            self._recent.add(ext)
-            self._recent_order.append(ext)
-            if len(self._recent_order) > _RECENT:
-                self._recent.discard(self._recent_order.popleft())
+            self._played[ext % _RECENT] = ext
 
     def reset(self) -> None:
         """Forget the stream; the next packet starts a new schedule.

@@ -23,19 +23,19 @@ Per packet (the hot path, all synchronous and allocation-light):
 Per tick (one call for all streams, from the process-wide 20 ms clock): only streams with buffered packets
 are visited; each pops its due frames. Lost slots come out as concealed frames. Every frame also gets a
 ``timeline_time`` for recorders (the sender's RTP clock anchored at the smallest transit; see
-``_Stream.place``), so a stall does not stretch recordings while real pauses stay. Decoding is not done here:
-for users whose PCM is wanted, :meth:`tick` returns :class:`DecodeJob` items that the shell runs in a batch
-on a worker thread with :func:`run_decode_jobs` (libopus releases the GIL), so a receiver that only wants
-Opus never pays for a decoder.
+``ReceivePipeline._convert``), so a stall does not stretch recordings while real pauses stay. Decoding is
+not done here: for users whose PCM is wanted, :meth:`tick` returns :class:`DecodeJob` items that the shell
+runs in a batch on a worker thread with :func:`run_decode_jobs` (libopus releases the GIL), so a receiver
+that only wants Opus never pays for a decoder.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from heapq import heapify, heappop, heappush
 from typing import Final, Literal, NamedTuple
 
 from cordvoice.audio.jitter import FrameKind, JitterBuffer, JitterFrame, JitterStats, PushResult
@@ -92,6 +92,13 @@ _TRANSIT_HEAP_LIMIT: Final = 4 * DEFAULT_JITTER_MAX_PACKETS
 """Compact a stream's transit heap beyond this (stale entries sink below the top only slowly)."""
 _FIRST_CELT_CONFIG: Final = 16
 """TOC configurations 16..31 are CELT-only: no LBRR (FEC) data inside."""
+_SAMPLES_BY_TOC: Final = tuple(0 if toc & 3 == 3 else packet_samples(bytes((toc,))) for toc in range(256))
+"""Samples of an Opus packet by its first (TOC) byte; 0 where the answer needs the next byte (code 3)."""
+_ACCEPTED: Final = PushResult.ACCEPTED
+_AUDIO: Final = FrameKind.AUDIO
+_GAP: Final = FrameKind.GAP
+_new_tuple: Final = tuple.__new__
+"""Builds a NamedTuple from a full tuple of its fields, skipping its Python-level ``__new__`` (hot paths)."""
 
 
 class VoiceFrame(NamedTuple):
@@ -242,76 +249,30 @@ class _Stream:
         "newest_ts",
         "speaking",
         "ssrc",
+        "stats",
         "transits",
         "user_id",
         "voiced_run",
     )
 
-    def __init__(self, ssrc: int, user_id: int, jitter: JitterBuffer) -> None:
+    def __init__(self, ssrc: int, user_id: int, jitter: JitterBuffer, stats: UserStats) -> None:
         self.ssrc = ssrc
         self.user_id = user_id
         self.jitter = jitter
+        self.stats = stats
+        """The user's counters (the same object for every stream of that user)."""
         self.decoder: OpusDecoder | None = None
         self.key_pending: deque[_Held] = deque()
         self.speaking = False
         self.voiced_run = 0
         self.last_voiced_end = 0.0
-        # Timeline estimate (see _Stream.place): unwrapped numbers of the newest packet, a min-heap of
+        # Timeline estimate (see _convert): unwrapped numbers of the newest packet, a min-heap of
         # (arrival - timestamp / rate, extended sequence) of accepted packets, the current anchor.
         self.newest_ext = -1
         self.newest_ts = 0
         self.transits: list[tuple[float, int]] = []
         self.base: float | None = None
         self.last_end: float | None = None
-
-    def note_arrival(self, sequence: int, timestamp: int, arrival: float) -> None:
-        """Remember an accepted packet's transit (arrival minus its RTP time) for :meth:`place`."""
-        newest = self.newest_ext
-        if newest < 0:
-            ext, ts = (1 << 16) + sequence, (1 << 32) + timestamp
-        else:
-            # Inline seq_delta/ts_delta (this runs for every packet): extend relative to the newest packet.
-            ext = newest + (((sequence - newest + 0x8000) & 0xFFFF) - 0x8000)
-            ts = self.newest_ts + (((timestamp - self.newest_ts + 0x8000_0000) & 0xFFFF_FFFF) - 0x8000_0000)
-        if ext > newest:
-            self.newest_ext, self.newest_ts = ext, ts
-        heapq.heappush(self.transits, (arrival - ts / SAMPLE_RATE, ext))
-
-    def place(self, sequence: int, timestamp: int, samples: int, delay: float, tolerance: float) -> float:
-        """Where a popped slot belongs on the shared timeline (``VoiceFrame.timeline_time``).
-
-        Position = anchor + RTP time, the anchor being the smallest transit among this and the later packets
-        already here. A stall delays a burst of packets but the last ones of the burst arrive on time, so
-        the anchor holds and nothing stretches; a pause without a timestamp jump delays every later packet,
-        so the anchor moves by the pause (beyond ``tolerance``). Never overlaps the previous slot.
-        """
-        newest = self.newest_ext
-        newest_ts = self.newest_ts
-        ext = newest + (((sequence - newest + 0x8000) & 0xFFFF) - 0x8000)
-        rtp_time = (
-            newest_ts + (((timestamp - newest_ts + 0x8000_0000) & 0xFFFF_FFFF) - 0x8000_0000)
-        ) / SAMPLE_RATE + delay
-        transits = self.transits
-        while transits and transits[0][1] < ext:
-            heapq.heappop(transits)
-        base = self.base
-        if transits:
-            lowest = transits[0][0]
-            if base is None or not base - tolerance <= lowest <= base + tolerance:
-                base = lowest
-        elif base is None:
-            base = (self.last_end or 0.0) - rtp_time
-        position = base + rtp_time
-        last_end = self.last_end
-        if last_end is not None and position < last_end - _HALF_FRAME_S:
-            base += last_end - position  # timestamps went back (or a faster path appeared): stay monotonic
-            position = last_end
-        self.base = base
-        self.last_end = position + samples / SAMPLE_RATE
-        if len(transits) > _TRANSIT_HEAP_LIMIT:
-            self.transits = [entry for entry in transits if entry[1] >= ext]
-            heapq.heapify(self.transits)
-        return position
 
 
 class _User:
@@ -430,6 +391,20 @@ class ReceivePipeline:
         elif status == STATUS_ERROR:
             stats.decode_errors += 1
 
+    def record_decodes(self, results: Iterable[tuple[int, int]]) -> None:
+        """:meth:`record_decode` for a batch of ``(user_id, status)`` (one call per decoded tick)."""
+        users = self._users
+        for user_id, status in results:
+            user = users.get(user_id)
+            if user is None:
+                continue
+            stats = user.stats
+            stats.decoded += 1
+            if status == STATUS_FEC:
+                stats.fec_recovered += 1
+            elif status == STATUS_ERROR:
+                stats.decode_errors += 1
+
     @property
     def buffered(self) -> int:
         """Packets held anywhere in the pipeline (jitter buffers, key holds, unknown SSRCs)."""
@@ -465,8 +440,9 @@ class ReceivePipeline:
         held = self._unknown.pop(ssrc, None)
         if held:
             self.counters.unknown_ssrc_replayed += len(held)
+            stream = self._streams.get(ssrc) or self._open_stream(ssrc)
             for item in held:
-                self._receive(ssrc, item.sequence, item.timestamp, item.payload, item.arrival)
+                self._receive(stream, item.sequence, item.timestamp, item.payload, item.arrival)
         return user
 
     def on_clients_connect(self, user_ids: Iterable[int]) -> None:
@@ -524,10 +500,13 @@ class ReceivePipeline:
             counters.other_payload_type += 1
             return
         ssrc = header.ssrc
-        if ssrc in self._streams or ssrc in self._ssrc_users:
-            self._receive(ssrc, header.sequence, header.timestamp, payload, arrival)
-            return
-        self._hold_unknown(ssrc, _Held(header.sequence, header.timestamp, payload, arrival))
+        stream = self._streams.get(ssrc)
+        if stream is None:
+            if ssrc not in self._ssrc_users:
+                self._hold_unknown(ssrc, _Held(header.sequence, header.timestamp, payload, arrival))
+                return
+            stream = self._open_stream(ssrc)
+        self._receive(stream, header.sequence, header.timestamp, payload, arrival)
 
     def _hold_unknown(self, ssrc: int, item: _Held) -> None:
         counters = self.counters
@@ -544,11 +523,11 @@ class ReceivePipeline:
         queue.append(item)
         counters.unknown_ssrc_held += 1
 
-    def _receive(self, ssrc: int, sequence: int, timestamp: int, payload: bytes, arrival: float) -> None:
-        stream = self._streams.get(ssrc)
-        if stream is None:
-            stream = self._open_stream(ssrc)
-        user_stats = self._users[stream.user_id].stats
+    def _receive(
+        self, stream: _Stream, sequence: int, timestamp: int, payload: bytes, arrival: float
+    ) -> None:
+        """DAVE-decrypt one packet of ``stream`` and push it into its jitter buffer (the per-packet path)."""
+        user_stats = stream.stats
         user_stats.received += 1
         decrypt = self._decrypt
         if decrypt is None:
@@ -591,15 +570,28 @@ class ReceivePipeline:
         *,
         arrival: float,
     ) -> None:
-        try:
-            samples = packet_samples(opus)
-        except AudioError:
-            user_stats.dropped += 1
-            self.counters.reasons["bad_opus"] += 1
-            return
-        result = stream.jitter.push(sequence, timestamp, arrival, opus, samples=samples)
-        if result is PushResult.ACCEPTED:
-            stream.note_arrival(sequence, timestamp, arrival)
+        samples = _SAMPLES_BY_TOC[opus[0]] if opus else 0
+        if not samples:  # empty, or a TOC byte the table cannot answer alone (code 3: a frame count byte)
+            try:
+                samples = packet_samples(opus)
+            except AudioError:
+                user_stats.dropped += 1
+                self.counters.reasons["bad_opus"] += 1
+                return
+        if stream.jitter.push(sequence, timestamp, arrival, opus, samples=samples) is _ACCEPTED:
+            # Remember the accepted packet's transit (arrival minus its RTP time) for the timeline placement
+            # in _convert, with its sequence and timestamp extended relative to the stream's newest packet.
+            newest = stream.newest_ext
+            if newest < 0:
+                ext, ts = (1 << 16) + sequence, (1 << 32) + timestamp
+            else:
+                newest_ts = stream.newest_ts
+                ext = newest + (((sequence - newest + 0x8000) & 0xFFFF) - 0x8000)
+                ts = newest_ts + (((timestamp - newest_ts + 0x8000_0000) & 0xFFFF_FFFF) - 0x8000_0000)
+            if ext > newest:
+                stream.newest_ext = ext
+                stream.newest_ts = ts
+            heappush(stream.transits, (arrival - ts / SAMPLE_RATE, ext))
             self._active[stream] = None
 
     def _retry_held(self, stream: _Stream, now: float, *, probe: bool = False) -> None:
@@ -614,7 +606,7 @@ class ReceivePipeline:
             return
         decrypt = self._decrypt
         assert decrypt is not None  # nothing is held without a decrypt callable
-        user_stats = self._users[stream.user_id].stats
+        user_stats = stream.stats
         still: deque[_Held] = deque()
         stream.key_pending = still
         attempts = 0
@@ -721,9 +713,18 @@ class ReceivePipeline:
         wants_pcm: Callable[[int], bool] | None,
         speaking: list[SpeakingChange],
     ) -> None:
+        """Turn one stream's popped jitter-buffer frames into voice frames, decode jobs and speaking changes.
+
+        Every frame is placed on the shared timeline here (``timeline_time``; inline, as it runs for every
+        frame): position = anchor + the frame's RTP time, the anchor being the smallest transit among this
+        and the later packets already here (the heap ``_push`` fills). A stall delays a burst of packets but
+        the last ones of the burst arrive on time, so the anchor holds and nothing stretches; a pause without
+        a timestamp jump delays every later packet, so the anchor moves by the pause (beyond the tolerance).
+        The position never overlaps the previous slot.
+        """
         user_id = stream.user_id
         ssrc = stream.ssrc
-        user_stats = self._users[user_id].stats
+        user_stats = stream.stats
         decoder: OpusDecoder | None = None
         if wants_pcm is not None and wants_pcm(user_id):
             decoder = stream.decoder
@@ -732,58 +733,67 @@ class ReceivePipeline:
         start = self._activity_start
         delay = self.jitter_delay
         tolerance = self.timeline_tolerance
-        for item in popped:
-            kind = item.kind
-            if kind is FrameKind.AUDIO:
-                opus = item.payload
-                assert opus is not None
-                frame = VoiceFrame(
-                    user_id,
-                    ssrc,
-                    item.sequence,
-                    item.timestamp,
-                    item.arrival_time,
-                    item.playout_time,
-                    stream.place(item.sequence, item.timestamp, item.samples, delay, tolerance),
-                    opus,
-                    None,
-                    False,
-                    item.samples,
-                )
-                user_stats.delivered += 1
-                if len(opus) >= _VOICED_MIN_BYTES:
-                    stream.voiced_run += 1
-                    stream.last_voiced_end = item.playout_time + item.samples / SAMPLE_RATE
-                    if not stream.speaking and stream.voiced_run >= start:
-                        stream.speaking = True
-                        self._audio_speaking[stream] = None
-                        speaking.append(SpeakingChange(user_id, True, "audio", item.playout_time, ssrc))
-                else:
-                    stream.voiced_run = 0
-                if decoder is not None:
-                    jobs.append((len(frames), DecodeJob(decoder, _DECODE, opus, item.samples)))
-            elif kind is FrameKind.LOST:
-                frame = VoiceFrame(
-                    user_id,
-                    ssrc,
-                    item.sequence,
-                    item.timestamp,
-                    None,
-                    item.playout_time,
-                    stream.place(item.sequence, item.timestamp, item.samples, delay, tolerance),
-                    None,
-                    None,
-                    True,
-                    item.samples,
-                )
-                user_stats.concealed += 1
-                if decoder is not None:
-                    jobs.append((len(frames), DecodeJob(decoder, _CONCEAL, item.next_payload, item.samples)))
-            else:
+        newest = stream.newest_ext
+        newest_ts = stream.newest_ts
+        transits = stream.transits
+        base = stream.base
+        last_end = stream.last_end
+        append = frames.append
+        for kind, sequence, timestamp, playout, samples, opus, arrival, next_payload, _lost in popped:
+            if kind is _GAP:
                 # A GAP only moves the timeline: the next frame's playout time already says where.
                 stream.voiced_run = 0
                 continue
-            frames.append(frame)
+            # Timeline placement (see the docstring), with sequence and timestamp extended around the newest.
+            ext = newest + (((sequence - newest + 0x8000) & 0xFFFF) - 0x8000)
+            rtp_time = (
+                newest_ts + (((timestamp - newest_ts + 0x8000_0000) & 0xFFFF_FFFF) - 0x8000_0000)
+            ) / SAMPLE_RATE + delay
+            while transits and transits[0][1] < ext:
+                heappop(transits)
+            if transits:
+                lowest = transits[0][0]
+                if base is None or not base - tolerance <= lowest <= base + tolerance:
+                    base = lowest
+            elif base is None:
+                base = (last_end or 0.0) - rtp_time
+            position = base + rtp_time
+            if last_end is not None and position < last_end - _HALF_FRAME_S:
+                # Timestamps went back (or a faster path appeared): stay monotonic.
+                base += last_end - position
+                position = last_end
+            last_end = position + samples / SAMPLE_RATE
+            if len(transits) > _TRANSIT_HEAP_LIMIT:
+                transits = stream.transits = [entry for entry in transits if entry[1] >= ext]
+                heapify(transits)
+            if kind is _AUDIO:
+                assert opus is not None
+                if decoder is not None:
+                    jobs.append((len(frames), _new_tuple(DecodeJob, (decoder, _DECODE, opus, samples))))
+                # VoiceFrame's fields in order (see the class).
+                fields = (user_id, ssrc, sequence, timestamp, arrival, playout, position, opus, None, False)
+                append(_new_tuple(VoiceFrame, (*fields, samples)))
+                user_stats.delivered += 1
+                if len(opus) >= _VOICED_MIN_BYTES:
+                    voiced_run = stream.voiced_run = stream.voiced_run + 1
+                    stream.last_voiced_end = playout + samples / SAMPLE_RATE
+                    if voiced_run >= start and not stream.speaking:
+                        stream.speaking = True
+                        self._audio_speaking[stream] = None
+                        speaking.append(SpeakingChange(user_id, True, "audio", playout, ssrc))
+                else:
+                    stream.voiced_run = 0
+            else:  # LOST: concealed (with FEC from the next packet when it is here)
+                if decoder is not None:
+                    jobs.append((len(frames), DecodeJob(decoder, _CONCEAL, next_payload, samples)))
+                append(
+                    VoiceFrame(
+                        user_id, ssrc, sequence, timestamp, None, playout, position, None, None, True, samples
+                    )
+                )
+                user_stats.concealed += 1
+        stream.base = base
+        stream.last_end = last_end
 
     def _check_hangover(self, now: float, speaking: list[SpeakingChange]) -> None:
         hangover = self.activity_hangover
@@ -810,8 +820,9 @@ class ReceivePipeline:
         jitter = JitterBuffer(
             delay=self.jitter_delay, max_packets=self._jitter_max_packets, max_conceal=self._max_conceal
         )
-        stream = self._streams[ssrc] = _Stream(ssrc, user_id, jitter)
-        self._user(user_id).ssrcs.add(ssrc)
+        user = self._user(user_id)
+        stream = self._streams[ssrc] = _Stream(ssrc, user_id, jitter, user.stats)
+        user.ssrcs.add(ssrc)
         return stream
 
     def _retire_stream(self, ssrc: int, now: float) -> None:

@@ -219,8 +219,10 @@ class ReceiveWorker:
         udp.receive_hook = receiver.feed
         delivered = [0, 0]  # frames, frames with PCM
 
+        frames = receiver.listen(pcm=pcm)
+
         async def consume() -> None:
-            async for frame in receiver.listen(pcm=pcm):
+            async for frame in frames:
                 delivered[0] += 1
                 if frame.pcm is not None:
                     delivered[1] += 1
@@ -264,6 +266,10 @@ class ReceiveWorker:
             "late": sum(s.late for s in user_stats),
             "undecryptable": sum(s.undecryptable for s in user_stats),
             "transport_undecryptable": stats.undecryptable,
+            # Frames that never reached the consumer: decode batches dropped behind a saturated decoder, and
+            # frames pushed out of the consumer's queue (both counted by the receiver, never silent).
+            "decode_backlog_dropped": receiver.counters.decode_backlog_dropped,
+            "consumer_dropped": frames.dropped,
         }
 
     async def close(self) -> None:

@@ -66,6 +66,10 @@ _PLAIN_FIELDS = struct.Struct(">HII")  # sequence, timestamp, SSRC at offset 2
 _RTCP_FIRST = 200
 _RTCP_LAST = 204
 
+_new_tuple = tuple.__new__
+"""Builds an :class:`RtpHeader` from a full tuple of its fields without the NamedTuple's Python-level
+``__new__`` (it runs for every received packet)."""
+
 _AeadFn = Callable[[bytes, bytes, bytes, bytes], bytes]  # (input, aad, nonce, key) -> output
 
 
@@ -114,6 +118,19 @@ class TransportCipher(abc.ABC):
         """
         if type(packet) is not bytes:
             packet = bytes(packet)
+        if len(packet) >= _MIN_PLAIN_RTP_SIZE and packet[0] == _PLAIN_BYTE0:
+            # The plain 12-byte header (no padding, extension or CSRCs: what every client sends): the same
+            # result as below without parse_rtp's general checks, the extension or the padding handling.
+            byte1 = packet[1]
+            if not _RTCP_FIRST <= byte1 <= _RTCP_LAST:
+                sequence, timestamp, ssrc = _PLAIN_FIELDS.unpack_from(packet, 2)
+                aad = packet[:HEADER_SIZE]
+                payload = self._decrypt(packet[-NONCE_SIZE:], packet[HEADER_SIZE:-NONCE_SIZE], aad)
+                # RtpHeader's fields in order: version, padding, extension, csrc_count, marker, payload_type,
+                # sequence, timestamp, ssrc, csrcs, header_length, extension_profile, extension_length.
+                marker, payload_type = byte1 > 0x7F, byte1 & 0x7F
+                fields = (RTP_VERSION, False, False, 0, marker, payload_type, sequence, timestamp, ssrc)
+                return _new_tuple(RtpHeader, (*fields, (), HEADER_SIZE, 0, 0)), payload
         header = parse_rtp(packet)
         clear = header.header_length
         if len(packet) < clear + TAG_SIZE + NONCE_SIZE:
