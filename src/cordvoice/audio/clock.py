@@ -12,11 +12,11 @@ Every wake-up of the loop has a fixed price (the timer, ``epoll_wait``, the loop
 CPU on a virtual machine, docs/benchmarks.md), so the process-wide clock from :func:`get_clock` *packs*
 subscribers: a slot takes streams up to ``slot_capacity`` units of work before the next one opens, and slots
 open in an order that keeps the open ones far apart in the period. A stream says what its tick weighs when it
-subscribes: an Opus passthrough stream weighs 1 (about 10 µs per tick), a player that starts an encoder job
-on its tick weighs :data:`HEAVY_TICK`. A hundred passthrough streams then cost one wake-up per 20 ms instead
-of twenty, while the slots of encoding players stay small, because their encoder jobs start in one burst
-and larger bursts showed in the loop's lag. Once every slot is full, new streams spread evenly over the
-least loaded slots. ``slot_capacity=None`` always spreads evenly.
+subscribes: an Opus passthrough stream weighs 1 (about 10 µs per tick); a player that starts an encoder job
+on its tick, or a receiver, weighs :data:`HEAVY_TICK`. A hundred passthrough streams then cost one wake-up
+per 20 ms instead of twenty, while the slots of encoding players stay small, because their encoder jobs
+start in one burst and larger bursts showed in the loop's lag. Once every slot is full, new streams spread
+evenly over the least loaded slots. ``slot_capacity=None`` always spreads evenly.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ SLOT_CAPACITY = 100
 sessions against a capacity of 10)."""
 
 HEAVY_TICK = 10
-"""The weight of a tick that starts an encoder job (a playing :class:`~cordvoice.audio.player.Player`):
-10 such streams per slot. Measured with 20 MP3 players on one loop: 10 per slot keeps the loop lag p99
-under 4 ms at 15% less CPU than spreading; 25 or 50 per slot doubled the lag's p99."""
+"""The weight of a tick that starts codec work: a playing :class:`~cordvoice.audio.player.Player` (encoder
+jobs) or a :class:`~cordvoice.audio.receiver.Receiver` (every user's playout, decode jobs): 10 per slot.
+Measured with 20 MP3 players on one loop: 10 per slot keeps the loop lag p99 under 4 ms at 15% less CPU
+than spreading; 25 or 50 per slot doubled the lag's p99."""
 
 EARLY_WAKE = 0.002
 """A timer that fires this early (seconds) serves its slot at once instead of re-arming (uvloop)."""

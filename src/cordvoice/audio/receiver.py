@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-from cordvoice.audio.clock import Clock, ClockSubscription, get_clock
+from cordvoice.audio.clock import HEAVY_TICK, Clock, ClockSubscription, get_clock
 from cordvoice.audio.receive_pipeline import (
     STATUS_ERROR,
     DecodeJob,
@@ -244,9 +244,7 @@ class Receiver:
         self._closed = False
         self._detachers: list[Callable[[], None]] = []
         self._clock = clock or get_clock(self._loop)
-        self._subscription: ClockSubscription | None = self._clock.subscribe(
-            self._on_tick, on_error=self._tick_failed
-        )
+        self._subscription: ClockSubscription | None = self._subscribe()
 
     @classmethod
     def for_session(cls, session: Session, **options: Any) -> Receiver:
@@ -485,7 +483,11 @@ class Receiver:
             logger.error("the receiver failed %d ticks; it stops delivering audio", self.tick_errors)
             self._subscription = None
             return
-        self._subscription = self._clock.subscribe(self._on_tick, on_error=self._tick_failed)
+        self._subscription = self._subscribe()
+
+    def _subscribe(self) -> ClockSubscription:
+        # A tick plays out every user of the call (and starts their decode jobs): weigh it like a player's.
+        return self._clock.subscribe(self._on_tick, weight=HEAVY_TICK, on_error=self._tick_failed)
 
     def _on_tick(self, deadline: float) -> None:
         output = self._core.tick(time.monotonic(), self._wants_pcm if self._pcm_wanted() else None)

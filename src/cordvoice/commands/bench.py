@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--slot-capacity",
         type=int,
         metavar="N",
-        help="streams per slot of the shared clock (default: the library's; 0 spreads evenly)",
+        help="passthrough streams per slot of the shared clock (default: the library's; 0 spreads evenly)",
     )
     send.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before measuring")
     send.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
