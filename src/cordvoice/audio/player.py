@@ -13,10 +13,17 @@ call does a few microseconds of work on the event loop and never blocks:
 3. **Passthrough**: when exactly one Opus track is playing at volume 1.0, ``pull()`` hands out its next
    packet as it is. Pause and stop then act on the very next tick.
 4. **Mixing**: otherwise the player takes each track's next frame on the loop and a codec thread decodes,
-   mixes (soft clip) and encodes them, :data:`LOOKAHEAD` frames (80 ms) ahead, in jobs of about two frames.
+   mixes (soft clip) and encodes them, :data:`LOOKAHEAD` frames (80 ms) ahead, about two frames at a time.
    ``pull()`` pops a ready packet. Pause, volume and stop act on frames not yet rendered, so they are heard
    within the lookahead: 40-80 ms, plus up to one tick. Stopping the last playing track also drops the
    rendered lookahead, so silence follows at once.
+
+Batching: the clock ticks a slot's streams in one callback, so the players that need frames rendered in
+that loop iteration are gathered into **one codec job** (:class:`_RenderBatcher`), and its results come back
+through the loop's :class:`~cordvoice.audio.workers.Mailbox` *without waking the loop* while every player in
+it still has frames to send: the next pull of any player collects them. Only a player that is starting,
+late or closing wakes the loop. A wake-up costs as much CPU as half an encode on a virtual machine, so this
+is what keeps the player near the codec's own throughput (docs/benchmarks.md, "encode").
 
 Track events (:class:`TrackStartEvent`, :class:`TrackEndEvent`, :class:`TrackErrorEvent`) fire when the
 first or last frame is handed to the transmit lane, not when it was rendered.
@@ -28,15 +35,17 @@ import asyncio
 import functools
 import logging
 import math
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
+from cordvoice.audio.clock import HEAVY_TICK
 from cordvoice.audio.mixdown import DecoderSlot, EncoderSlot, MixInput, check_bitrate, render
 from cordvoice.audio.sources import SourceKind, SourceLike, open_source
 from cordvoice.audio.track import Track, TrackEndEvent, TrackEvent, TrackState, as_audio_error
-from cordvoice.audio.workers import get_workers
+from cordvoice.audio.workers import Mailbox, get_mailbox, get_workers
 from cordvoice.errors import AudioError, InvalidArgumentError
 
 __all__ = ["LOOKAHEAD", "Player", "PlayerStats"]
@@ -78,6 +87,121 @@ class PlayerStats:
 
 
 _OutEntry = tuple[bytes, list[TrackEvent] | None]
+_Rendered: TypeAlias = tuple[list[bytes] | None, BaseException | None]
+
+BATCH_SPLIT_FRAMES: Final = 8
+"""With several codec threads, a batch is split into parts of at least this many frames."""
+
+
+@dataclass(slots=True, eq=False)
+class _RenderJob:
+    """One player's frames to mix and encode: what the loop decided, handed to a codec thread."""
+
+    player: Player
+    gen: int
+    inputs: list[list[MixInput]]
+    encoder: EncoderSlot
+    events: list[list[TrackEvent]]
+    tracks: set[Track]
+
+
+def _render_batch(jobs: list[_RenderJob]) -> list[_Rendered]:
+    """Render every job of a batch (codec thread); one player's failure does not fail the others."""
+    results: list[_Rendered] = []
+    for job in jobs:
+        try:
+            results.append((render(job.inputs, job.encoder), None))
+        except Exception as exc:
+            results.append((None, exc))
+    return results
+
+
+def _deliver(jobs: list[_RenderJob], results: list[_Rendered] | None, failure: BaseException | None) -> None:
+    """Hand each player its packets (on the loop)."""
+    if results is None or len(results) != len(jobs):
+        results = [(None, failure or AudioError("the render batch returned nothing"))] * len(jobs)
+    for job, (packets, error) in zip(jobs, results, strict=True):
+        try:
+            job.player._rendered(job, packets, error)
+        except Exception:
+            logger.exception("delivering rendered frames failed")
+
+
+def _anyone_waiting(jobs: list[_RenderJob]) -> bool:
+    """Asked on the codec thread: must the loop wake for this batch, or can the next pull collect it?"""
+    return any(job.player._waiting() for job in jobs)
+
+
+class _RenderBatcher:
+    """Gathers the render work of every player of one loop, per loop iteration, into one codec job.
+
+    The clock ticks a slot's streams in one callback; the players among them that need frames all ask
+    here, and a single ``call_soon`` submits them together: one queue hand-off and at most one wake-up
+    for the batch instead of one per player.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_ref = weakref.ref(loop)  # weak: kept in a dict keyed weakly by its loop
+        self._players: list[Player] = []
+        self._jobs: list[_RenderJob] = []
+        self._scheduled = False
+        self.batches = 0
+
+    def request(self, player: Player) -> None:
+        """``player`` takes its frames when the batch is assembled (later in this loop iteration)."""
+        self._players.append(player)
+        self._arm()
+
+    def add(self, job: _RenderJob) -> None:
+        self._jobs.append(job)
+        self._arm()
+
+    def _arm(self) -> None:
+        loop = self._loop_ref()
+        if not self._scheduled and loop is not None:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        players, self._players = self._players, []
+        jobs, self._jobs = self._jobs, []
+        for player in players:
+            try:
+                job = player._collect()
+            except Exception:  # one player's bug must not stall every other player of the batch
+                logger.exception("preparing a player's frames failed")
+                continue
+            if job is not None:
+                jobs.append(job)
+        loop = self._loop_ref()
+        if not jobs or loop is None:
+            return
+        pool = get_workers().codec
+        frames = sum(len(job.inputs) for job in jobs)
+        parts = max(1, min(pool.max_threads, len(jobs), frames // BATCH_SPLIT_FRAMES))
+        for index in range(parts):
+            part = jobs[index::parts]
+            self.batches += 1
+            pool.submit(
+                _render_batch,
+                (part,),
+                loop,
+                functools.partial(_deliver, part),
+                wake=functools.partial(_anyone_waiting, part),
+            )
+
+
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RenderBatcher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _batcher_for(loop: asyncio.AbstractEventLoop) -> _RenderBatcher:
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        batcher = _batchers[loop] = _RenderBatcher(loop)
+    return batcher
 
 
 class Player:
@@ -90,6 +214,10 @@ class Player:
     audio becomes ready, so the owner can make this player its transmit lane's provider and wake the lane.
     Use it from one event loop.
     """
+
+    tick_weight: int = HEAVY_TICK
+    """What one pull weighs on the shared clock (the transmit lane reads it when it subscribes): a player may
+    start an encoder batch on its tick, so the clock puts fewer of them in one wake-up."""
 
     def __init__(
         self,
@@ -110,6 +238,8 @@ class Player:
         self._refill_at = lookahead // 2
         self._on_audio = on_audio
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._mailbox: Mailbox | None = None
+        self._batcher: _RenderBatcher | None = None
         self._active: list[Track] = []
         self._activated: list[Track] = []
         self._queue: deque[Track] = deque()
@@ -256,11 +386,16 @@ class Player:
         if not self._rendering:
             self._encoder.close()
             self._close_retired()
+        elif self._mailbox is not None:
+            self._mailbox.collect_soon()  # the job may be done and waiting: free the encoder soon
 
     # -- the frame provider ------------------------------------------------------------------------
 
     def pull(self) -> bytes | None:
         """The next 20 ms Opus frame, or ``None`` for silence. Called by the transmit lane every tick."""
+        mailbox = self._mailbox
+        if mailbox is not None and mailbox:
+            mailbox.collect()  # finished jobs of every player on this loop, left there without a wake-up
         packet = self._next_packet()
         self._streaming = packet is not None
         return packet
@@ -291,7 +426,7 @@ class Player:
             return frame
         if taken:  # the step changed the mix (the queue moved on to a PCM track): render it
             self._late()
-            self._submit([taken], [[]])
+            self._batch().add(self._job([taken], [[]]))
         return None
 
     def _late(self) -> None:
@@ -303,7 +438,21 @@ class Player:
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._mailbox = get_mailbox(self._loop)
         return self._loop
+
+    def _batch(self) -> _RenderBatcher:
+        if self._batcher is None:
+            self._batcher = _batcher_for(self._event_loop())
+        return self._batcher
+
+    def _waiting(self) -> bool:
+        """Whether a finished job must wake the loop (read on worker threads; see ``Mailbox``).
+
+        A player that handed out a frame on its last pull is pulled again within 20 ms and collects then;
+        one that is starting, late (its last pull found nothing) or closed is not guaranteed a pull.
+        """
+        return self._closed or not self._streaming
 
     def _new_track(
         self,
@@ -436,13 +585,13 @@ class Player:
     def _schedule_render(self) -> None:
         if not self._render_scheduled and not self._rendering and not self._closed:
             self._render_scheduled = True
-            self._event_loop().call_soon(self._render)
+            self._batch().request(self)
 
-    def _render(self) -> None:
-        """Take frames for up to ``lookahead`` output frames and hand them to a codec thread."""
+    def _collect(self) -> _RenderJob | None:
+        """Take frames for up to ``lookahead`` output frames: this player's part of the next codec batch."""
         self._render_scheduled = False
         if self._rendering or self._closed:
-            return
+            return None
         frames: list[list[tuple[Track, bytes]]] = []
         events: list[list[TrackEvent]] = []
         collected: list[TrackEvent] = []
@@ -467,10 +616,9 @@ class Player:
                 self._out[-1] = (last_packet, [*(last_events or []), *collected])
             else:
                 self._emit_soon(collected)
-        if frames:
-            self._submit(frames, events)
+        return self._job(frames, events) if frames else None
 
-    def _submit(self, frames: list[list[tuple[Track, bytes]]], events: list[list[TrackEvent]]) -> None:
+    def _job(self, frames: list[list[tuple[Track, bytes]]], events: list[list[TrackEvent]]) -> _RenderJob:
         inputs = [
             [
                 MixInput(frame, track._volume, track._decoder if track.kind == "opus" else None)
@@ -481,17 +629,10 @@ class Player:
         tracks = {track for taken in frames for track, _ in taken}
         self._rendering = True
         self.stats.render_jobs += 1
-        done = functools.partial(self._rendered, self._gen, events, tracks)
-        get_workers().codec.submit(render, (inputs, self._encoder), self._event_loop(), done)
+        return _RenderJob(self, self._gen, inputs, self._encoder, events, tracks)
 
-    def _rendered(
-        self,
-        gen: int,
-        events: list[list[TrackEvent]],
-        tracks: set[Track],
-        packets: list[bytes] | None,
-        failure: BaseException | None,
-    ) -> None:
+    def _rendered(self, job: _RenderJob, packets: list[bytes] | None, failure: BaseException | None) -> None:
+        gen, events, tracks = job.gen, job.events, job.tracks
         self._rendering = False
         for track in tracks:
             if track._decoder.errors:

@@ -4,7 +4,9 @@ A sync source (:class:`~cordvoice.audio.sources.AudioSource`) is opened, read, s
 jobs* on the shared source threads (:mod:`cordvoice.audio.workers`), one job at a time per track, in batches
 that fill a bounded buffer: 25 PCM frames (500 ms) or 50 Opus packets (1 s), refilled once half is used. An
 async source is read by one small task on the loop into the same buffer. Nothing here runs per tick except
-:meth:`Track._take`, which pops a frame.
+:meth:`Track._take`, which pops a frame. A refill of a track that still plays from its buffer, on a player
+that is being pulled, does not wake the loop: the next pull collects it (see
+:class:`~cordvoice.audio.workers.Mailbox`); a start, an underrun, a seek or a stop does.
 
 A track starts only once :data:`START_FRAMES` frames are buffered, and after an underrun it waits for them
 again: a slow source costs silence, never a burst of frames afterwards (discord.py #9120). A source error
@@ -29,7 +31,7 @@ from cordvoice.audio.mixdown import DecoderSlot
 from cordvoice.audio.opus import packet_samples
 from cordvoice.audio.pcm import FRAME_DURATION, FRAME_SAMPLES, FrameChunker
 from cordvoice.audio.sources import AsyncAudioSource, AudioSource, AutoSource, SourceKind
-from cordvoice.audio.workers import get_workers
+from cordvoice.audio.workers import get_mailbox, get_workers
 from cordvoice.errors import AudioError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -405,7 +407,11 @@ class Track:
     def _kick(self) -> None:
         """Start the next source job if one is due (at most one runs at a time)."""
         self._kick_pending = False
-        if self._busy or self._closed or self._is_async or not self._begun:
+        if self._busy:
+            if self._fill_wanted():  # someone waits for the running job: its result may already be in
+                get_mailbox(self._player._event_loop()).collect_soon()
+            return
+        if self._closed or self._is_async or not self._begun:
             return
         source = self.source
         assert isinstance(source, AudioSource)
@@ -424,7 +430,21 @@ class Track:
         self._pending_seek = None
         self._busy = True
         args = (self, max(room, START_FRAMES), None if seek is None else seek[0], self._opened)
-        pool.submit(_fill_job, args, loop, functools.partial(self._filled, self._gen, seek))
+        done = functools.partial(self._filled, self._gen, seek)
+        pool.submit(_fill_job, args, loop, done, wake=self._fill_wanted)
+
+    def _fill_wanted(self) -> bool:
+        """Whether a finished fill job must wake the loop (asked on a source thread; see ``Mailbox``).
+
+        Not while the track plays from its buffer on a player that handed out a frame on its last pull: that
+        player is pulled again within 20 ms, and the pull collects the frames long before they are needed.
+        """
+        return (
+            self._buffering
+            or self._closing
+            or self._pending_seek is not None
+            or not self._player._streaming
+        )
 
     def _filled(
         self,

@@ -14,8 +14,18 @@ with one ``call_soon_threadsafe``:
 
 Both pools are bounded: a thread starts when a job finds every existing one busy, up to the maximum, and
 then stays. They are daemon threads, so a source stuck in a network read never keeps the process alive.
-A job is a plain ``(function, args, loop, callback)`` tuple on a ``SimpleQueue``: submitting costs a few
-microseconds, a fraction of ``ThreadPoolExecutor.submit`` with its futures and locks.
+A job is a plain tuple on a ``SimpleQueue``: submitting costs a few microseconds, a fraction of
+``ThreadPoolExecutor.submit`` with its futures and locks.
+
+**Results without a wake-up.** Waking an event loop from another thread (``call_soon_threadsafe``: a
+self-pipe write, ``epoll_wait`` returning, one loop iteration) costs 70-120 µs of CPU on a virtual machine,
+about half an Opus encode (docs/benchmarks.md). Most results are not awaited by anyone: a player that still
+has frames rendered ahead only needs its next batch by its next 20 ms tick. A job submitted with ``wake=``
+therefore leaves its result in the loop's :class:`Mailbox`, and the worker wakes the loop only when
+``wake()`` (evaluated on the worker, after the job) says someone waits now. Players empty the mailbox on
+every pull. The rule that keeps this safe: whoever starts waiting for such a result first makes its
+``wake()`` true and then calls :meth:`Mailbox.collect_soon`, so either it finds the result or the worker,
+which posts before it asks ``wake()``, sees the change and wakes the loop.
 """
 
 from __future__ import annotations
@@ -25,12 +35,23 @@ import logging
 import os
 import queue
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias, TypeVar
 
 from cordvoice.errors import InvalidArgumentError
 
-__all__ = ["AudioWorkers", "JobDone", "WorkerPool", "configure_workers", "get_workers"]
+__all__ = [
+    "AudioWorkers",
+    "JobDone",
+    "Mailbox",
+    "WakeTest",
+    "WorkerPool",
+    "configure_workers",
+    "get_mailbox",
+    "get_workers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +63,12 @@ JobDone: TypeAlias = Callable[[Any, BaseException | None], None]
 DEFAULT_SOURCE_THREADS: Final = 8
 """Concurrent source jobs; more only matters when many sources block on slow networks at once."""
 
-_Job: TypeAlias = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, JobDone]
+WakeTest: TypeAlias = Callable[[], bool]
+"""Asked on the worker thread once a job is done: must the event loop wake for its result now?"""
+
+_Job: TypeAlias = tuple[
+    Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, JobDone, "Mailbox | None", WakeTest | None
+]
 
 
 def default_codec_threads() -> int:
@@ -76,8 +102,15 @@ class WorkerPool:
         args: tuple[Any, ...],
         loop: asyncio.AbstractEventLoop,
         done: JobDone,
+        *,
+        wake: WakeTest | None = None,
     ) -> None:
-        """Run ``function(*args)`` on a worker and call ``done(result, error)`` on ``loop`` afterwards."""
+        """Run ``function(*args)`` on a worker and call ``done(result, error)`` on ``loop`` afterwards.
+
+        Without ``wake`` the loop is woken for every result. With it, the result waits in the loop's
+        :class:`Mailbox` unless ``wake()`` returns true when the job ends (see the module docstring).
+        """
+        mailbox = None if wake is None else get_mailbox(loop)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the {self.name} pool is shut down")
@@ -88,7 +121,7 @@ class WorkerPool:
                 )
                 self._threads.append(thread)
                 thread.start()
-        self._jobs.put((function, args, loop, done))
+        self._jobs.put((function, args, loop, done, mailbox, wake))
 
     def shutdown(self) -> None:
         """Let every thread finish its current job and exit; queued jobs still run first."""
@@ -106,7 +139,7 @@ class WorkerPool:
             job = jobs.get()
             if job is None:
                 return
-            function, args, loop, done = job
+            function, args, loop, done, mailbox, wake = job
             result: Any = None
             error: BaseException | None = None
             try:
@@ -116,13 +149,104 @@ class WorkerPool:
                 self.jobs_failed += 1
             self.jobs_run += 1
             del job, function, args  # drop references before blocking on the next job
-            try:
-                loop.call_soon_threadsafe(done, result, error)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                logger.debug("an audio job finished after its event loop closed")
-            del result, error, loop, done
+            if mailbox is not None and wake is not None:
+                mailbox.post(done, result, error, wake)
+            else:
+                try:
+                    loop.call_soon_threadsafe(done, result, error)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    logger.debug("an audio job finished after its event loop closed")
+            del result, error, loop, done, mailbox, wake
             with self._lock:
                 self._busy -= 1
+
+
+class Mailbox:
+    """Job results waiting for one event loop, delivered without waking it unless someone waits.
+
+    Workers :meth:`post`; the loop's thread runs the callbacks in :meth:`collect` (players call it on every
+    pull, and a wake-up calls it). Get a loop's mailbox with :func:`get_mailbox`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_ref = weakref.ref(loop)  # weak: the mailbox lives in a dict keyed weakly by its loop
+        self._items: deque[tuple[JobDone, Any, BaseException | None]] = deque()
+        self._wake_pending = False
+        self._collect_pending = False
+        self.woken = 0
+        """Results that woke the loop."""
+        self.quiet = 0
+        """Results left for the next collect, without a wake-up."""
+        self.callback_errors = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def post(self, done: JobDone, result: Any, error: BaseException | None, wake: WakeTest) -> None:
+        """Leave a result (on a worker thread); wake the loop if ``wake()`` says someone waits."""
+        self._items.append((done, result, error))
+        try:
+            urgent = wake()
+        except Exception:  # a broken test must not strand the result: wake to be safe
+            logger.exception("an audio job's wake test failed")
+            urgent = True
+        if not urgent:
+            self.quiet += 1
+            return
+        self.woken += 1
+        if self._wake_pending:
+            return  # a wake-up is on its way; it collects this result too
+        self._wake_pending = True
+        loop = self._loop_ref()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._woken)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            logger.debug("an audio job finished after its event loop closed")
+
+    def collect(self) -> None:
+        """Run every waiting callback now (on the loop's thread)."""
+        items = self._items
+        while items:
+            try:
+                done, result, error = items.popleft()
+            except IndexError:  # a callback collected the rest
+                return
+            try:
+                done(result, error)
+            except Exception:
+                self.callback_errors += 1
+                logger.exception("an audio job's completion callback failed")
+
+    def collect_soon(self) -> None:
+        """Collect on the next loop iteration: for callers that may be inside another callback."""
+        loop = self._loop_ref()
+        if not self._collect_pending and loop is not None:
+            self._collect_pending = True
+            loop.call_soon(self._collect_later)
+
+    def _collect_later(self) -> None:
+        self._collect_pending = False
+        self.collect()
+
+    def _woken(self) -> None:
+        self._wake_pending = False  # before collecting: a result posted meanwhile is collected or wakes again
+        self.collect()
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+_mailbox_lock = threading.Lock()
+
+
+def get_mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The mailbox of ``loop``, created on first use."""
+    mailbox = _mailboxes.get(loop)
+    if mailbox is None:
+        with _mailbox_lock:
+            mailbox = _mailboxes.get(loop)
+            if mailbox is None:
+                mailbox = _mailboxes[loop] = Mailbox(loop)
+    return mailbox
 
 
 class AudioWorkers:

@@ -146,8 +146,21 @@ class EncodeWorker:
         """``streams`` players at ``bitrate`` on the shared clock, each pulled once per tick."""
         from cordvoice.audio.clock import get_clock  # noqa: PLC0415
         from cordvoice.audio.player import Player  # noqa: PLC0415
+        from cordvoice.audio.workers import get_mailbox, get_workers  # noqa: PLC0415
 
         clock = get_clock()
+        mailbox = get_mailbox(asyncio.get_running_loop())
+        workers = get_workers()
+
+        def counters() -> tuple[int, ...]:
+            return (
+                mailbox.woken,
+                mailbox.quiet,
+                workers.codec.jobs_run,
+                workers.source.jobs_run,
+                sum(p.stats.render_jobs for p in players),
+            )
+
         players = [Player(bitrate=self.bitrate) for _ in range(streams)]
         pulled = [0, 0]  # frames handed out, ticks without a frame
 
@@ -160,14 +173,21 @@ class EncodeWorker:
         item: Any = self.pcm if source == "pcm" else str(self.mp3)
         for player in players:
             player.play(item, loop=True)
-        subscriptions = [clock.subscribe(functools.partial(_pull, tick, p)) for p in players]
+        subscriptions = [  # with the weight a session's transmit lane gives its player
+            clock.subscribe(functools.partial(_pull, tick, p), weight=getattr(p, "tick_weight", 1))
+            for p in players
+        ]
         try:
             await asyncio.sleep(warmup)
             frames0, empty0 = pulled
+            counted0 = counters()
             begin = CpuSnapshot.take()
             await asyncio.sleep(seconds)
             end = CpuSnapshot.take()
             frames, empty = pulled[0] - frames0, pulled[1] - empty0
+            woken, quiet, codec_jobs, source_jobs, render_jobs = (
+                after - before for after, before in zip(counters(), counted0, strict=True)
+            )
         finally:
             for sub in subscriptions:
                 sub.cancel()
@@ -182,6 +202,12 @@ class EncodeWorker:
             "frames_per_second_per_stream": round(frames / cpu["wall_s"] / streams, 2),
             "empty_ticks": empty,
             "late_frames": late,
+            # How work reached the codec and came back: jobs per second, and how many results woke the loop.
+            "codec_jobs_per_s": round(codec_jobs / cpu["wall_s"], 1),
+            "players_per_codec_job": round(render_jobs / codec_jobs, 2) if codec_jobs else 0.0,
+            "source_jobs_per_s": round(source_jobs / cpu["wall_s"], 1),
+            "results_waking_loop_per_s": round(woken / cpu["wall_s"], 1),
+            "results_without_wakeup_per_s": round(quiet / cpu["wall_s"], 1),
         }
 
 
