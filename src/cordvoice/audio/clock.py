@@ -333,6 +333,7 @@ class Clock:
                     except Exception:
                         logger.exception("clock subscriber's error handler failed")
 
+
 def _spread_order(slots: int) -> list[int]:
     """Slot indices in the order slots open: each next one as far as possible from those already open."""
     order = [0]

@@ -192,9 +192,7 @@ class _RenderBatcher:
             )
 
 
-_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RenderBatcher] = (
-    weakref.WeakKeyDictionary()
-)
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RenderBatcher] = weakref.WeakKeyDictionary()
 
 
 def _batcher_for(loop: asyncio.AbstractEventLoop) -> _RenderBatcher:

@@ -440,10 +440,7 @@ class Track:
         player is pulled again within 20 ms, and the pull collects the frames long before they are needed.
         """
         return (
-            self._buffering
-            or self._closing
-            or self._pending_seek is not None
-            or not self._player._streaming
+            self._buffering or self._closing or self._pending_seek is not None or not self._player._streaming
         )
 
     def _filled(
