@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
+import weakref
 
 import pytest
 
@@ -183,3 +185,16 @@ async def test_subscriptions_read_their_share_of_the_slot_record() -> None:
     assert second.ticks < clock.lateness.count, "the later subscription sees only its own ticks"
     clock.close()
     assert not second.active and second.ticks >= frozen
+
+
+def test_a_loops_clock_does_not_keep_the_loop_alive() -> None:
+    loop = asyncio.new_event_loop()
+    clock = get_clock(loop)
+    assert get_clock(loop) is clock
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None, "the registry and the clock let a closed loop go"
+    with pytest.raises(RuntimeError):
+        clock.time()

@@ -155,7 +155,9 @@ class Clock:
             raise InvalidArgumentError(f"slot_capacity must be at least 1, got {slot_capacity}")
         if max_catchup < 0:
             raise InvalidArgumentError(f"max_catchup cannot be negative, got {max_catchup}")
-        self._loop = loop
+        self._loop_ref = weakref.ref(loop)
+        """Weak: the per-loop registry (:func:`get_clock`) is keyed weakly by the loop, and a strong reference
+        from its value back to the key would keep every loop that ever used a clock alive."""
         self.interval = interval
         self.max_catchup = max_catchup
         self._slot_offset = interval / slots
@@ -181,6 +183,13 @@ class Clock:
     def slot_loads(self) -> list[int]:
         """Each slot's total weight, in slot order: how the clock spread its streams."""
         return [slot.load for slot in self._slots]
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop_ref()
+        if loop is None:
+            raise RuntimeError("this clock's event loop no longer exists")
+        return loop
 
     def time(self) -> float:
         """The shared clock's notion of now: the event loop's monotonic time."""
