@@ -379,20 +379,9 @@ class ReceivePipeline:
     def all_stats(self) -> dict[int, UserStats]:
         return {user_id: self.stats(user_id) for user_id in self._users}
 
-    def record_decode(self, user_id: int, status: int) -> None:
-        """Count one decode result (the shell calls this when a batch comes back from its worker)."""
-        user = self._users.get(user_id)
-        if user is None:
-            return
-        stats = user.stats
-        stats.decoded += 1
-        if status == STATUS_FEC:
-            stats.fec_recovered += 1
-        elif status == STATUS_ERROR:
-            stats.decode_errors += 1
-
     def record_decodes(self, results: Iterable[tuple[int, int]]) -> None:
-        """:meth:`record_decode` for a batch of ``(user_id, status)`` (one call per decoded tick)."""
+        """Count decode results, ``(user_id, status)`` each: the shell calls this when a tick's batch comes
+        back from its worker."""
         users = self._users
         for user_id, status in results:
             user = users.get(user_id)
