@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -44,6 +43,7 @@ from cordvoice.audio.receive_pipeline import (
     VoiceFrame,
     run_decode_jobs,
 )
+from cordvoice.audio.workers import usable_cores
 from cordvoice.errors import InvalidArgumentError
 from cordvoice.events import (
     ClientConnectEvent,
@@ -85,7 +85,7 @@ def decode_executor() -> ThreadPoolExecutor:
     global _decode_executor  # noqa: PLW0603 - one pool per process, created on first use
     with _executor_lock:
         if _decode_executor is None:
-            workers = max(1, min(4, _usable_cores()))
+            workers = max(1, min(4, usable_cores()))
             _decode_executor = ThreadPoolExecutor(workers, thread_name_prefix="cordvoice-decode")
         return _decode_executor
 
@@ -225,7 +225,7 @@ class Receiver:
         self._loop = asyncio.get_running_loop()
         self._core = ReceivePipeline(decrypt, jitter_delay=jitter_delay, **pipeline_options)
         self._executor = executor
-        self._decode_threads = max(1, decode_threads or min(4, _usable_cores()))
+        self._decode_threads = max(1, decode_threads or min(4, usable_cores()))
         self._frame_streams: list[FrameStream] = []
         self._opus_streams: list[FrameStream] = []
         self._pcm_streams: list[FrameStream] = []
@@ -590,18 +590,6 @@ class Receiver:
             statuses.append((frame.user_id, status))
         self._core.record_decodes(statuses)
         self._deliver(decoded, self._pcm_streams, True)
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (its affinity), which is what decode threads can use in parallel.
-
-    A process pinned to one core gains nothing from splitting a tick's decoding over threads, and pays for
-    every extra batch (a pool hand-off and a loop wake-up); ``os.cpu_count()`` counts the whole machine.
-    """
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _split_jobs(jobs: list[tuple[int, DecodeJob]], threads: int) -> list[list[tuple[int, DecodeJob]]]:

@@ -51,6 +51,7 @@ __all__ = [
     "configure_workers",
     "get_mailbox",
     "get_workers",
+    "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,21 @@ _Job: TypeAlias = tuple[
 ]
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity): what worker threads can use in parallel.
+
+    ``os.cpu_count()`` counts the whole machine; a process pinned to one core gains nothing from more
+    threads and pays for every extra hand-off.
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_codec_threads() -> int:
-    """One per core beyond the event loop's, at least one and at most four."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    """One per usable core beyond the event loop's, at least one and at most four."""
+    return max(1, min(4, usable_cores() - 1))
 
 
 class WorkerPool:

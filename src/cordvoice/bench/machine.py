@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+from cordvoice.audio.workers import usable_cores
+
 __all__ = [
     "CpuSnapshot",
     "Placement",
@@ -198,7 +200,7 @@ def machine_info() -> dict[str, object]:
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_flags(),
         "nproc": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "kernel": platform.release(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "executable": sys.executable,
