@@ -62,3 +62,20 @@ def test_per_user_files_share_a_timeline_and_pad_gaps(tmp_path: Path) -> None:
     assert not two[: int(0.2 * RATE)].any() and two[int(0.2 * RATE)] == 9
     assert per_user.late == 1
     assert np.array_equal(samples(tmp_path / "one.wav"), two[: int(0.22 * RATE)])
+
+
+def test_a_frame_overlapping_its_predecessor_is_trimmed_alike_in_the_mix(tmp_path: Path) -> None:
+    """Timeline rounding can place a user's next frame a sample early; the mix must not add it twice."""
+    timeline = Timeline(10.0)
+    per_user = PerUserWavSink(tmp_path, timeline=timeline)
+    mixed = MixedWavSink(tmp_path / "mixed.wav", timeline=timeline)
+    overlap = 1 / RATE
+    for sink in (per_user, mixed):
+        sink.write(frame(1, 0, 10.0, 100))
+        sink.write(frame(1, 1, 10.02 - overlap, 100))  # starts one sample before the first one ends
+        sink.write(frame(2, 0, 10.0, 10))
+        sink.close()
+    mix = samples(tmp_path / "mixed.wav")
+    user = samples(tmp_path / "1.wav")
+    assert len(user) == 2 * 960 - 1 and set(user.tolist()) == {100}
+    assert mix.tolist() == [110] * 960 + [100] * 959, "the overlapping sample counted once"

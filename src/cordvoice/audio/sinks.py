@@ -198,6 +198,10 @@ class MixedWavSink:
         self._buffer: npt.NDArray[np.int32] = np.zeros((self._capacity, CHANNELS), dtype=np.int32)
         self._base = 0  # timeline sample held in _buffer[0]; everything before it is in the file
         self._end = 0  # end of the latest audio placed
+        self._user_ends: dict[int, int] = {}
+        """Where each user's audio placed so far ends: a frame that overlaps its predecessor (timeline
+        rounding puts consecutive frames a sample apart either way) is trimmed as the per-user file trims it,
+        so the mix stays the sum of the per-user files instead of adding that sample twice."""
         self._writer: wave.Wave_write | None = _open_wav(self.path)
         self.frames_mixed = 0
         self.late = 0
@@ -217,10 +221,12 @@ class MixedWavSink:
             data = as_array(frame.pcm).reshape(-1, CHANNELS)
             samples = len(data)
         end = offset + samples
-        start = max(offset, self._base)
+        user_ends = self._user_ends
+        start = max(offset, self._base, user_ends.get(frame.user_id, 0))
         if start >= end:
             self.late += 1
             return
+        user_ends[frame.user_id] = end
         if end - self._base > self._capacity:
             self._flush(end - self._capacity)
         if data is not None:
