@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from cordvoice.audio.clock import HEAVY_TICK, SLOT_CAPACITY, Clock, _spread_order, get_clock
+from cordvoice.audio.wake_timer import make_wake_timer
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import LoopingFrames, opus_frames
 from cordvoice.bench.process import BenchError, ChildProcess
@@ -229,15 +230,15 @@ def test_clock_on_uvloop_wakes_once_per_tick() -> None:
     uvloop = pytest.importorskip("uvloop")
 
     async def scenario() -> tuple[int, int]:
-        clock = Clock(asyncio.get_running_loop(), slot_capacity=10)
+        loop = asyncio.get_running_loop()
+        clock = Clock(loop, slot_capacity=10)
         wakes = [0]
-        wake = clock._wake
 
         def counting_wake() -> None:
             wakes[0] += 1
-            wake()
+            clock._wake()
 
-        clock._wake = counting_wake  # type: ignore[method-assign]
+        clock._timer = make_wake_timer(loop, counting_wake)
         ticks: list[float] = []
         sub = clock.subscribe(ticks.append)
         await asyncio.sleep(0.5)

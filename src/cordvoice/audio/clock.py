@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cordvoice.audio.wake_timer import make_wake_timer
 from cordvoice.errors import InvalidArgumentError
 from cordvoice.metrics import Histogram
 
@@ -166,9 +167,11 @@ class Clock:
         self.slot_capacity = slot_capacity
         self._opening_order = _spread_order(slots)
         self._heap: list[tuple[float, int]] = []
-        self._timer: asyncio.Handle | None = None
+        self._timer = make_wake_timer(loop, self._wake)
+        self._armed = False
         self._timer_when = 0.0
-        """When the armed timer fires: uvloop returns a plain Handle (no ``when()``) for a past deadline."""
+        """When the armed timer fires (uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a
+        past deadline)."""
         self._t0 = loop.time()
         self.lateness = Histogram()
         """Lateness of every slot wake-up, in ms: the clock's own health, across all streams."""
@@ -229,9 +232,8 @@ class Clock:
             slot.load = 0
             slot.scheduled = False
         self._heap.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._armed = False
+        self._timer.close()
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -280,11 +282,10 @@ class Clock:
         if not self._heap:
             return
         when = self._heap[0][0]
-        if self._timer is not None:
-            if self._timer_when <= when:
-                return
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._wake)
+        if self._armed and self._timer_when <= when:
+            return
+        self._timer.arm(when)
+        self._armed = True
         self._timer_when = when
 
     def _remove(self, sub: ClockSubscription) -> None:
@@ -294,7 +295,7 @@ class Clock:
         # An emptied slot keeps its heap entry; _wake drops it lazily.
 
     def _wake(self) -> None:
-        self._timer = None
+        self._armed = False
         now = self._loop.time()
         heap = self._heap
         if heap and 0.0 < heap[0][0] - now <= EARLY_WAKE:
