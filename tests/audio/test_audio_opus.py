@@ -242,3 +242,14 @@ def test_pyav_fallback_encodes_and_decodes(speech: bytes, speech_frames: list[by
     assert match.correlation > 0.97
     # The ctypes decoder reads the fallback's packets too: same codec underneath.
     assert compare(speech, decode_all(packets)).correlation > 0.97
+
+
+def test_encode_frames_matches_encoding_one_by_one(speech_frames: list[bytes]) -> None:
+    frames = speech_frames[:20]
+    with OpusEncoder(bitrate=96_000) as one, OpusEncoder(bitrate=96_000) as batch:
+        expected = [one.encode(frame) for frame in frames]
+        assert batch.encode_frames([bytearray(frames[0]), *frames[1:]]) == expected
+        with pytest.raises(InvalidArgumentError):
+            batch.encode_frames([frames[0], b"\x00" * 10])  # refused before anything is encoded
+    with pytest.raises(AudioError):
+        batch.encode_frames(frames[:1])

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cordvoice.audio.opus import packet_samples
-from cordvoice.audio.pcm import FRAME_BYTES, SAMPLE_RATE
+from cordvoice.audio.opus import OpusEncoder, packet_samples
+from cordvoice.audio.pcm import FRAME_BYTES, SAMPLE_RATE, iter_frames
 from cordvoice.audio.player import Player
 from cordvoice.audio.samples import tone, write_demo_ogg
 from cordvoice.audio.sources import AsyncAudioSource, AudioSource
@@ -114,6 +114,20 @@ async def test_pcm_is_encoded_off_the_loop_and_sounds_like_the_source(tmp_path: 
     assert source.closed == 1
     assert all(name.startswith("cordvoice-source") for name in source.threads)
     assert player.stats.encoded_frames == 50
+    player.close()
+
+
+async def test_a_lone_pcm_track_at_unity_is_encoded_unmixed_and_bit_exact() -> None:
+    """The usual case skips the mixer: the packets equal a fresh encoder's on the same frames, in order."""
+    pcm = tone(700, 1.0, amplitude=0.9)  # loud: any mixing (soft clip) on the way would change the packets
+    player = Player(bitrate=96_000)
+    track = player.play(pcm)
+    packets = audible(await pull_until_done(player))
+    await track.wait()
+    with OpusEncoder(bitrate=96_000, complexity=10, vbr="constrained") as encoder:
+        expected = [encoder.encode(frame) for frame in iter_frames(pcm)]
+    assert packets == expected
+    assert player.stats.late_frames == 0
     player.close()
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeAlias
 
 from cordvoice.audio.mixer import mix
 from cordvoice.audio.opus import OpusDecoder, OpusEncoder
 from cordvoice.audio.pcm import FRAME_BYTES, SILENCE_FRAME
 from cordvoice.errors import AudioError, InvalidArgumentError
 
-__all__ = ["DecoderSlot", "EncoderSlot", "MixInput", "render"]
+__all__ = ["DecoderSlot", "EncoderSlot", "MixFrame", "MixInput", "render"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,14 @@ class EncoderSlot:
         self._encoder: OpusEncoder | None = None
 
     def encode(self, pcm: bytes) -> bytes:
+        return self._current().encode(pcm)
+
+    def encode_frames(self, frames: Sequence[bytes]) -> list[bytes]:
+        """Encode several frames in order (one lock acquisition in the encoder)."""
+        return self._current().encode_frames(frames)
+
+    def _current(self) -> OpusEncoder:
+        """The encoder, created on first use and brought to the bitrate the loop last set."""
         encoder = self._encoder
         if encoder is None:
             encoder = self._encoder = OpusEncoder(
@@ -89,7 +97,7 @@ class EncoderSlot:
             )
         elif encoder.bitrate != self.bitrate:
             encoder.set_bitrate(self.bitrate)
-        return encoder.encode(pcm)
+        return encoder
 
     def close(self) -> None:
         encoder, self._encoder = self._encoder, None
@@ -111,10 +119,21 @@ class MixInput(NamedTuple):
     decoder: DecoderSlot | None
 
 
-def render(frames: Sequence[Sequence[MixInput]], encoder: EncoderSlot) -> list[bytes]:
+MixFrame: TypeAlias = bytes | Sequence[MixInput]
+"""One output frame to render: what to mix, or just ``bytes`` for one PCM frame at unity gain (the usual
+case, a single PCM track playing: it goes to the encoder as it is, with no mixing)."""
+
+
+def render(frames: Sequence[MixFrame], encoder: EncoderSlot) -> list[bytes]:
     """Mix and encode each output frame; runs on a codec thread. Returns one Opus packet per frame."""
+    unmixed = [frame for frame in frames if isinstance(frame, bytes)]
+    if len(unmixed) == len(frames):
+        return encoder.encode_frames(unmixed)
     packets: list[bytes] = []
     for inputs in frames:
+        if isinstance(inputs, bytes):
+            packets.append(encoder.encode(inputs))
+            continue
         pcm: list[bytes] = []
         gains: list[float] = []
         for data, gain, decoder in inputs:

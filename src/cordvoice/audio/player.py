@@ -16,7 +16,8 @@ call does a few microseconds of work on the event loop and never blocks:
    mixes (soft clip) and encodes them, :data:`LOOKAHEAD` frames (80 ms) ahead, about two frames at a time.
    ``pull()`` pops a ready packet. Pause, volume and stop act on frames not yet rendered, so they are heard
    within the lookahead: 40-80 ms, plus up to one tick. Stopping the last playing track also drops the
-   rendered lookahead, so silence follows at once.
+   rendered lookahead, so silence follows at once. One PCM track at volume 1.0 (the usual case) is not
+   mixed: its frames go to the encoder as they are.
 
 Batching: the clock ticks a slot's streams in one callback, so the players that need frames rendered in
 that loop iteration are gathered into **one codec job** (:class:`_RenderBatcher`), and its results come back
@@ -37,12 +38,12 @@ import logging
 import math
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
 from cordvoice.audio.clock import HEAVY_TICK
-from cordvoice.audio.mixdown import DecoderSlot, EncoderSlot, MixInput, check_bitrate, render
+from cordvoice.audio.mixdown import DecoderSlot, EncoderSlot, MixFrame, MixInput, check_bitrate, render
 from cordvoice.audio.sources import SourceKind, SourceLike, open_source
 from cordvoice.audio.track import Track, TrackEndEvent, TrackEvent, TrackState, as_audio_error
 from cordvoice.audio.workers import Mailbox, get_mailbox, get_workers
@@ -99,10 +100,15 @@ class _RenderJob:
 
     player: Player
     gen: int
-    inputs: list[list[MixInput]]
+    inputs: Sequence[MixFrame]
     encoder: EncoderSlot
-    events: list[list[TrackEvent]]
-    tracks: set[Track]
+    events: list[list[TrackEvent]] | None
+    """Per frame, the events to emit when it goes out; ``None`` when no frame has any."""
+    tracks: tuple[Track, ...]
+
+
+def _flatten(events: list[list[TrackEvent]] | None) -> list[TrackEvent]:
+    return [] if events is None else [event for frame_events in events for event in frame_events]
 
 
 def _render_batch(jobs: list[_RenderJob]) -> list[_Rendered]:
@@ -234,6 +240,9 @@ class Player:
         )
         self._lookahead = lookahead
         self._refill_at = lookahead // 2
+        """Render again when this many rendered frames are left: 60 ms for the codec thread by default.
+        Rendering 3 frames per job (at 1 left, 40 ms) saved ~3 us per frame but made MP3 players late by the
+        hundred: the codec thread waits for the GIL behind the source threads' decoding."""
         self._on_audio = on_audio
         self._loop: asyncio.AbstractEventLoop | None = None
         self._mailbox: Mailbox | None = None
@@ -392,21 +401,23 @@ class Player:
     def pull(self) -> bytes | None:
         """The next 20 ms Opus frame, or ``None`` for silence. Called by the transmit lane every tick."""
         mailbox = self._mailbox
-        if mailbox is not None and mailbox:
+        if mailbox is not None and mailbox.pending:
             mailbox.collect()  # finished jobs of every player on this loop, left there without a wake-up
-        packet = self._next_packet()
-        self._streaming = packet is not None
-        return packet
-
-    def _next_packet(self) -> bytes | None:
         out = self._out
-        if out:
+        if out:  # the steady state, inline: this runs for every stream every 20 ms
             packet, events = out.popleft()
             if events:
                 self._emit_soon(events)
-            if len(out) <= self._refill_at:
+            if len(out) <= self._refill_at and not self._render_scheduled and not self._rendering:
                 self._schedule_render()
+            self._streaming = True
             return packet
+        found = self._next_packet()
+        self._streaming = found is not None
+        return found
+
+    def _next_packet(self) -> bytes | None:
+        """``pull()`` with nothing rendered: passthrough, silence, or a render to start."""
         if self._rendering:
             self._late()
             return None
@@ -510,7 +521,7 @@ class Player:
 
     def _track_data(self, track: Track) -> None:
         if track._end_state is None and not track._queued:
-            self._changed()
+            self._changed()  # also tops the lookahead up between pulls: keep it (MP3 was late without it)
 
     def _changed(self) -> None:
         """Something that affects the mix changed: render ahead now rather than at the next tick."""
@@ -590,6 +601,14 @@ class Player:
         self._render_scheduled = False
         if self._rendering or self._closed:
             return None
+        active = self._active
+        if len(active) == 1:  # the usual case, one PCM track playing at unity: its frames go out unmixed
+            track = active[0]
+            run = track._take_run(self._lookahead - len(self._out))
+            if run:
+                self._rendering = True
+                self.stats.render_jobs += 1
+                return _RenderJob(self, self._gen, run, self._encoder, None, (track,))
         frames: list[list[tuple[Track, bytes]]] = []
         events: list[list[TrackEvent]] = []
         collected: list[TrackEvent] = []
@@ -617,44 +636,51 @@ class Player:
         return self._job(frames, events) if frames else None
 
     def _job(self, frames: list[list[tuple[Track, bytes]]], events: list[list[TrackEvent]]) -> _RenderJob:
-        inputs = [
-            [
-                MixInput(frame, track._volume, track._decoder if track.kind == "opus" else None)
-                for track, frame in taken
-            ]
-            for taken in frames
-        ]
-        tracks = {track for taken in frames for track, _ in taken}
+        inputs: list[MixFrame] = []
+        for taken in frames:
+            if len(taken) == 1 and taken[0][0].kind == "pcm" and taken[0][0]._volume == 1.0:
+                inputs.append(taken[0][1])  # nothing to mix
+                continue
+            inputs.append(
+                [
+                    MixInput(frame, track._volume, track._decoder if track.kind == "opus" else None)
+                    for track, frame in taken
+                ]
+            )
+        tracks = tuple({track for taken in frames for track, _ in taken})
         self._rendering = True
         self.stats.render_jobs += 1
         return _RenderJob(self, self._gen, inputs, self._encoder, events, tracks)
 
     def _rendered(self, job: _RenderJob, packets: list[bytes] | None, failure: BaseException | None) -> None:
-        gen, events, tracks = job.gen, job.events, job.tracks
+        events, tracks = job.events, job.tracks
         self._rendering = False
         for track in tracks:
             if track._decoder.errors:
                 self.stats.decode_errors += track._decoder.errors
                 track._decoder.errors = 0
-        self._close_retired()
-        flat = [event for frame_events in events for event in frame_events]
+        if self._retired:
+            self._close_retired()
         if self._closed:
             self._encoder.close()
-        if gen != self._gen or self._closed:
-            self._emit_soon(flat)  # flushed: the frames are gone, the events still happened
+        if job.gen != self._gen or self._closed:
+            self._emit_soon(_flatten(events))  # flushed: the frames are gone, the events still happened
             return
-        if packets is None:
+        if packets is None or len(packets) != len(job.inputs):
             error = as_audio_error(failure or AudioError("the render job returned nothing"), "mixing")
             logger.error("mixing/encoding failed: %s", error)
             self.stats.render_errors += 1
-            self.stats.dropped_frames += len(events)
-            self._emit_soon(flat)
+            self.stats.dropped_frames += len(job.inputs)
+            self._emit_soon(_flatten(events))
             for track in tracks:
                 track._finish(TrackState.FAILED, error)
             return
         self.stats.encoded_frames += len(packets)
-        for packet, frame_events in zip(packets, events, strict=True):
-            self._out.append((packet, frame_events or None))
+        if events is None:
+            self._out.extend([(packet, None) for packet in packets])
+        else:
+            for packet, frame_events in zip(packets, events, strict=True):
+                self._out.append((packet, frame_events or None))
         if packets:
             self._notify()
         if len(self._out) <= self._refill_at:

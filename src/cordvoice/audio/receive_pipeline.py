@@ -39,7 +39,18 @@ from heapq import heapify, heappop, heappush
 from typing import Final, Literal, NamedTuple
 
 from cordvoice.audio.jitter import FrameKind, JitterBuffer, JitterFrame, JitterStats, PushResult
-from cordvoice.audio.opus import OPUS_SILENCE, OpusDecoder, packet_samples
+from cordvoice.audio.opus import (
+    OPUS_SILENCE,
+    SLOT_DECODE,
+    SLOT_LOST,
+    STATUS_ERROR,
+    STATUS_FEC,
+    STATUS_OK,
+    STATUS_PLC,
+    OpusDecoder,
+    decode_slots,
+    packet_samples,
+)
 from cordvoice.audio.pcm import FRAME_SAMPLES, SAMPLE_RATE
 from cordvoice.errors import (
     AudioError,
@@ -56,6 +67,10 @@ from cordvoice.udp.rtp import OPUS_PAYLOAD_TYPE, RtpHeader, is_rtcp
 __all__ = [
     "DEFAULT_JITTER_DELAY",
     "DEFAULT_JITTER_MAX_PACKETS",
+    "STATUS_ERROR",
+    "STATUS_FEC",
+    "STATUS_OK",
+    "STATUS_PLC",
     "DecodeJob",
     "DecryptFn",
     "PipelineCounters",
@@ -81,17 +96,11 @@ _VOICED_MIN_BYTES: Final = 4
 """Opus packets this small are silence or DTX comfort noise (``F8 FF FE`` is 3 bytes), not speech."""
 
 # Decode job kinds and result statuses (plain ints: they cross a thread boundary in tight lists).
-_DECODE: Final = 0
-_CONCEAL: Final = 1
-STATUS_OK: Final = 0
-STATUS_FEC: Final = 1
-STATUS_PLC: Final = 2
-STATUS_ERROR: Final = 3
+_DECODE: Final = SLOT_DECODE
+_CONCEAL: Final = SLOT_LOST
 _HALF_FRAME_S: Final = FRAME_SAMPLES / SAMPLE_RATE / 2
 _TRANSIT_HEAP_LIMIT: Final = 4 * DEFAULT_JITTER_MAX_PACKETS
 """Compact a stream's transit heap beyond this (stale entries sink below the top only slowly)."""
-_FIRST_CELT_CONFIG: Final = 16
-"""TOC configurations 16..31 are CELT-only: no LBRR (FEC) data inside."""
 _SAMPLES_BY_TOC: Final = tuple(0 if toc & 3 == 3 else packet_samples(bytes((toc,))) for toc in range(256))
 """Samples of an Opus packet by its first (TOC) byte; 0 where the answer needs the next byte (code 3)."""
 _ACCEPTED: Final = PushResult.ACCEPTED
@@ -870,21 +879,4 @@ def run_decode_jobs(jobs: list[DecodeJob]) -> list[tuple[bytes, int]]:
     concealed instead (status ``STATUS_ERROR``), so one corrupt frame costs 20 ms, never the stream. Jobs of
     one decoder must stay in order and on one thread.
     """
-    out: list[tuple[bytes, int]] = []
-    append = out.append
-    for decoder, kind, data, samples in jobs:
-        try:
-            if kind == _DECODE:
-                assert data is not None
-                append((decoder.decode(data), STATUS_OK))
-            elif data and data[0] >> 3 < _FIRST_CELT_CONFIG and decoder.has_fec:
-                # Only SILK and hybrid packets can carry in-band FEC; CELT-only ones go straight to PLC.
-                append((decoder.decode_fec(data, samples), STATUS_FEC))
-            else:
-                append((decoder.conceal(samples), STATUS_PLC))
-        except (AudioError, InvalidArgumentError):
-            try:
-                append((decoder.conceal(samples), STATUS_ERROR))
-            except (AudioError, InvalidArgumentError):
-                append((bytes(samples * 4), STATUS_ERROR))
-    return out
+    return decode_slots(jobs)

@@ -574,20 +574,26 @@ class Receiver:
                 self._decode_idle.set_result(None)
 
     def _attach_pcm(self, frames: list[VoiceFrame], jobs: list[tuple[int, DecodeJob]]) -> None:
-        results: list[tuple[bytes, int]] = []
-        for chunk, chunk_result in zip(self._chunks, self._chunk_results, strict=True):
-            if chunk_result is None:
-                results.extend((bytes(job.samples * 4), STATUS_ERROR) for _, job in chunk)
-            else:
-                results.extend(chunk_result)
+        chunk_results = self._chunk_results
+        if len(chunk_results) == 1 and chunk_results[0] is not None:
+            results = chunk_results[0]  # one worker decoded the whole tick: the common case
+        else:
+            results = []
+            for chunk, chunk_result in zip(self._chunks, chunk_results, strict=True):
+                if chunk_result is None:
+                    results.extend((bytes(job.samples * 4), STATUS_ERROR) for _, job in chunk)
+                else:
+                    results.extend(chunk_result)
         decoded: list[VoiceFrame] = []
         append = decoded.append
         statuses: list[tuple[int, int]] = []
+        add_status = statuses.append
         for (index, _job), (pcm, status) in zip(jobs, results, strict=True):
-            frame = frames[index]
-            # frame._replace(pcm=pcm) without its per-call overhead: VoiceFrame's ``pcm`` is field 8.
-            append(_new_tuple(VoiceFrame, (*frame[:8], pcm, *frame[9:])))
-            statuses.append((frame.user_id, status))
+            # frame._replace(pcm=pcm) without its per-call overhead (VoiceFrame's fields in order).
+            user_id, ssrc, seq, ts, arrival, playout, timeline, opus, _, concealed, samples = frames[index]
+            fields = (user_id, ssrc, seq, ts, arrival, playout, timeline, opus, pcm, concealed, samples)
+            append(_new_tuple(VoiceFrame, fields))
+            add_status((user_id, status))
         self._core.record_decodes(statuses)
         self._deliver(decoded, self._pcm_streams, True)
 

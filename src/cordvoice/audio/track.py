@@ -601,6 +601,32 @@ class Track:
         self._schedule_kick()
         return None
 
+    def _take_run(self, count: int) -> list[bytes] | None:
+        """``count`` frames at once, only when they need no mixing and change nothing else, else None.
+
+        That is a playing PCM track at volume 1.0 with at least ``count`` frames buffered, where
+        :meth:`_take` would only pop: the player's fast path for its usual case, one track playing.
+        """
+        buffer = self._buffer
+        if (
+            count <= 0
+            or len(buffer) < count
+            or self._buffering
+            or self._paused
+            or self._volume != 1.0
+            or self.kind != "pcm"
+            or self._end_state is not None
+            or self._queued
+        ):
+            return None
+        frames = [buffer.popleft() for _ in range(count)]
+        self._frames += count
+        if self._is_async:
+            self._space.set()
+        elif len(buffer) <= self._capacity() // 2:
+            self._schedule_kick()
+        return frames
+
     def _exhausted(self) -> None:
         if self._failure is not None:
             self._finish(TrackState.FAILED, self._failure)
