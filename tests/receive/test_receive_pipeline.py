@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from cordvoice.audio.opus import OPUS_SILENCE, OpusDecoder
+from cordvoice.audio.opus import OPUS_SILENCE, OpusDecoder, decode_slots
 from cordvoice.audio.receive_pipeline import (
     STATUS_FEC,
     STATUS_OK,
@@ -17,7 +17,6 @@ from cordvoice.audio.receive_pipeline import (
     DecodeJob,
     ReceivePipeline,
     VoiceFrame,
-    run_decode_jobs,
 )
 from cordvoice.audio.samples import speech_like
 from cordvoice.errors import DaveDecryptError, InvalidArgumentError
@@ -293,7 +292,7 @@ def test_pcm_jobs_only_for_wanted_users_and_decode_with_fec() -> None:
     jobs += [job for _, job in tick.jobs]
     assert len(out_frames) == 2 * len(frames)
     assert len(jobs) == len(frames)
-    results = run_decode_jobs(jobs)
+    results = decode_slots(jobs)
     statuses = [status for _, status in results]
     assert statuses[25] == STATUS_FEC  # the next packet was buffered: its FEC data rebuilt the slot
     assert statuses.count(STATUS_OK) == len(frames) - 1
@@ -310,7 +309,7 @@ def test_decode_jobs_conceal_without_next_packet_and_survive_corrupt_opus() -> N
         DecodeJob(decoder, 1, None, 960),
         DecodeJob(decoder, 0, b"\xff\xff\xff\xff\xff", 960),  # code 3 with an invalid frame count
     ]
-    results = run_decode_jobs(jobs)
+    results = decode_slots(jobs)
     assert [status for _, status in results] == [STATUS_OK, STATUS_PLC, 3]
     assert all(len(p) == 3840 for p, _ in results)
 

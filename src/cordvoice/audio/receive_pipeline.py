@@ -25,8 +25,8 @@ are visited; each pops its due frames. Lost slots come out as concealed frames. 
 ``timeline_time`` for recorders (the sender's RTP clock anchored at the smallest transit; see
 ``ReceivePipeline._convert``), so a stall does not stretch recordings while real pauses stay. Decoding is
 not done here: for users whose PCM is wanted, :meth:`tick` returns :class:`DecodeJob` items that the shell
-runs in a batch on a worker thread with :func:`run_decode_jobs` (libopus releases the GIL), so a receiver
-that only wants Opus never pays for a decoder.
+runs in a batch on a worker thread with :func:`~cordvoice.audio.opus.decode_slots` (libopus releases the
+GIL), so a receiver that only wants Opus never pays for a decoder.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from cordvoice.audio.opus import (
     STATUS_OK,
     STATUS_PLC,
     OpusDecoder,
-    decode_slots,
     packet_samples,
 )
 from cordvoice.audio.pcm import FRAME_SAMPLES, SAMPLE_RATE
@@ -79,7 +78,6 @@ __all__ = [
     "TickOutput",
     "UserStats",
     "VoiceFrame",
-    "run_decode_jobs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,9 +93,6 @@ for every packet that arrives, for as long as the talkspurt lasts. 250 absorbs s
 _VOICED_MIN_BYTES: Final = 4
 """Opus packets this small are silence or DTX comfort noise (``F8 FF FE`` is 3 bytes), not speech."""
 
-# Decode job kinds and result statuses (plain ints: they cross a thread boundary in tight lists).
-_DECODE: Final = SLOT_DECODE
-_CONCEAL: Final = SLOT_LOST
 _HALF_FRAME_S: Final = FRAME_SAMPLES / SAMPLE_RATE / 2
 _TRANSIT_HEAP_LIMIT: Final = 4 * DEFAULT_JITTER_MAX_PACKETS
 """Compact a stream's transit heap beyond this (stale entries sink below the top only slowly)."""
@@ -767,7 +762,7 @@ class ReceivePipeline:
             if kind is _AUDIO:
                 assert opus is not None
                 if decoder is not None:
-                    jobs.append((len(frames), _new_tuple(DecodeJob, (decoder, _DECODE, opus, samples))))
+                    jobs.append((len(frames), _new_tuple(DecodeJob, (decoder, SLOT_DECODE, opus, samples))))
                 # VoiceFrame's fields in order (see the class).
                 fields = (user_id, ssrc, sequence, timestamp, arrival, playout, position, opus, None, False)
                 append(_new_tuple(VoiceFrame, (*fields, samples)))
@@ -783,7 +778,7 @@ class ReceivePipeline:
                     stream.voiced_run = 0
             else:  # LOST: concealed (with FEC from the next packet when it is here)
                 if decoder is not None:
-                    jobs.append((len(frames), DecodeJob(decoder, _CONCEAL, next_payload, samples)))
+                    jobs.append((len(frames), DecodeJob(decoder, SLOT_LOST, next_payload, samples)))
                 append(
                     VoiceFrame(
                         user_id, ssrc, sequence, timestamp, None, playout, position, None, None, True, samples
@@ -869,14 +864,3 @@ class ReceivePipeline:
                     self.counters.unknown_ssrc_dropped += 1
                 if not queue:
                     del self._unknown[ssrc]
-
-
-def run_decode_jobs(jobs: list[DecodeJob]) -> list[tuple[bytes, int]]:
-    """Run decode jobs in order (on a worker thread); ``(pcm, status)`` for each.
-
-    A lost slot is rebuilt from the next packet's in-band FEC when that packet is SILK or hybrid (libopus
-    falls back to concealment itself if it carries none), else concealed. A packet libopus rejects is
-    concealed instead (status ``STATUS_ERROR``), so one corrupt frame costs 20 ms, never the stream. Jobs of
-    one decoder must stay in order and on one thread.
-    """
-    return decode_slots(jobs)

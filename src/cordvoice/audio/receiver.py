@@ -31,6 +31,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from cordvoice.audio.clock import HEAVY_TICK, Clock, ClockSubscription, get_clock
+from cordvoice.audio.opus import decode_slots
 from cordvoice.audio.receive_pipeline import (
     STATUS_ERROR,
     DecodeJob,
@@ -41,7 +42,6 @@ from cordvoice.audio.receive_pipeline import (
     TickOutput,
     UserStats,
     VoiceFrame,
-    run_decode_jobs,
 )
 from cordvoice.audio.workers import usable_cores
 from cordvoice.errors import InvalidArgumentError
@@ -548,7 +548,7 @@ class Receiver:
         self._chunks_left = len(chunks)
         executor = self._executor or decode_executor()
         for index, chunk in enumerate(chunks):
-            future = self._loop.run_in_executor(executor, run_decode_jobs, [job for _, job in chunk])
+            future = self._loop.run_in_executor(executor, decode_slots, [job for _, job in chunk])
             future.add_done_callback(functools.partial(self._chunk_done, index))
 
     def _chunk_done(self, index: int, future: asyncio.Future[list[tuple[bytes, int]]]) -> None:

@@ -183,8 +183,7 @@ class Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop_ref = weakref.ref(loop)  # weak: the mailbox lives in a dict keyed weakly by its loop
-        self._items: deque[tuple[JobDone, Any, BaseException | None]] = deque()
-        self.pending: deque[tuple[JobDone, Any, BaseException | None]] = self._items
+        self.pending: deque[tuple[JobDone, Any, BaseException | None]] = deque()
         """The waiting results (read-only): true when :meth:`collect` has work. Cheaper than ``len()`` for a
         check made on every pull."""
         self._wake_pending = False
@@ -196,11 +195,11 @@ class Mailbox:
         self.callback_errors = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.pending)
 
     def post(self, done: JobDone, result: Any, error: BaseException | None, wake: WakeTest) -> None:
         """Leave a result (on a worker thread); wake the loop if ``wake()`` says someone waits."""
-        self._items.append((done, result, error))
+        self.pending.append((done, result, error))
         try:
             urgent = wake()
         except Exception:  # a broken test must not strand the result: wake to be safe
@@ -222,7 +221,7 @@ class Mailbox:
 
     def collect(self) -> None:
         """Run every waiting callback now (on the loop's thread)."""
-        items = self._items
+        items = self.pending
         while items:
             try:
                 done, result, error = items.popleft()

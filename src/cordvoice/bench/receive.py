@@ -132,7 +132,8 @@ class ReceiveWorker:
 
     async def cmd_stages(self) -> dict[str, Any]:
         """Per-packet CPU of each stage of the receive path, single thread, no I/O."""
-        from cordvoice.audio.receive_pipeline import ReceivePipeline, run_decode_jobs  # noqa: PLC0415
+        from cordvoice.audio.opus import decode_slots  # noqa: PLC0415
+        from cordvoice.audio.receive_pipeline import ReceivePipeline  # noqa: PLC0415
 
         traffic = self.traffic
         packets = traffic.packets
@@ -173,7 +174,7 @@ class ReceiveWorker:
                         pipeline.feed(header, payload, now)
                 output = pipeline.tick(now, wants)
                 if pcm and output.jobs:
-                    decoded += len(run_decode_jobs([job for _, job in output.jobs]))
+                    decoded += len(decode_slots([job for _, job in output.jobs]))
                 cpu += time.thread_time() - begin
                 frames += len(output.frames)
             return cpu, frames, decoded
