@@ -112,3 +112,26 @@ def test_uvloop_keeps_call_at() -> None:
         return type(Clock(asyncio.get_running_loop())._timer)
 
     assert uvloop.run(kind()) is _CallAt
+
+
+@linux_only
+async def test_an_idle_clock_holds_no_descriptor() -> None:
+    clock = Clock(asyncio.get_running_loop())
+    timer = clock._timer
+    assert isinstance(timer, _TimerFd)
+    ticks: list[float] = []
+    sub = clock.subscribe(ticks.append)
+    async with asyncio.timeout(5):
+        while not ticks:
+            await asyncio.sleep(0.005)
+    assert timer._fd >= 0
+    sub.cancel()
+    await asyncio.sleep(0.05)  # the slot's stale entry fires once and is dropped: nothing is left to wake for
+    assert timer._fd == -1
+    sub = clock.subscribe(ticks.append)  # and it wakes again when a stream comes back
+    count = len(ticks)
+    async with asyncio.timeout(5):
+        while len(ticks) == count:
+            await asyncio.sleep(0.005)
+    sub.cancel()
+    clock.close()

@@ -468,9 +468,10 @@ def test_impaired_network_stays_aligned_and_counts_losses(results: dict[str, Any
         # apart from the end of the stream), and lost slots are concealed.
         assert dropped - 5 <= stats["lost"] <= dropped + stats["late"], (dropped, stats)
         assert stats["concealed"] >= stats["lost"] - 10, stats
-        # davey never opens a nonce older than the first one it opened for a sender, so when the network
-        # swaps a speaker's first two packets the older one is refused, and counted, as undecryptable.
-        assert stats["undecryptable"] <= 1, stats
+        # davey never opens a nonce older than the first one it opened for a sender, so packets the network
+        # delivers after a speaker's first opened one are refused, and counted, as undecryptable: one when a
+        # reorder swaps the first two, two when the 20 ms jitter also moves the third ahead of them.
+        assert stats["undecryptable"] <= 2, stats
         assert result.correlations[name] > 0.5, result.correlations[name]
 
 

@@ -280,6 +280,7 @@ class Clock:
 
     def _arm(self) -> None:
         if not self._heap:
+            self._timer.close()  # idle: hold no descriptor until a stream subscribes again
             return
         when = self._heap[0][0]
         if self._armed and self._timer_when <= when:
