@@ -255,7 +255,7 @@ class Session:
         self._udp: UdpConnection | None = None
         self._udp_stats = UdpStats()
         self._sender: RtpSender | None = None
-        self._dave_totals = [0, 0, 0]  # encrypted, encrypt failures, recoveries of replaced DAVE clients
+        self._dave_totals = [0, 0]  # encrypt failures and recoveries of replaced DAVE clients
 
         # Media.
         self._flags = int(SpeakingFlag.MICROPHONE)
@@ -415,9 +415,9 @@ class Session:
             udp_malformed=udp.malformed,
             udp_keepalives=udp.keepalives,
             received_per_ssrc=dict(udp.per_ssrc),
-            dave_encrypted=self._dave_totals[0] + (dave.encrypted if dave else 0),
-            dave_encrypt_failures=self._dave_totals[1] + (dave.encrypt_failures if dave else 0),
-            dave_recoveries=self._dave_totals[2] + (dave.recoveries if dave else 0),
+            dave_encrypted=lane.dave_encrypted,
+            dave_encrypt_failures=self._dave_totals[0] + (dave.encrypt_failures if dave else 0),
+            dave_recoveries=self._dave_totals[1] + (dave.recoveries if dave else 0),
             udp_foreign=udp.foreign,
             udp_untracked_ssrcs=udp.untracked_ssrcs,
             replies_dropped=self._replies_dropped,
@@ -988,9 +988,8 @@ class Session:
         self._heartbeats_before[0] += old.heartbeats_sent
         self._heartbeats_before[1] += old.heartbeats_acked
         stats = old.dave.stats
-        self._dave_totals[0] += stats.encrypted
-        self._dave_totals[1] += stats.encrypt_failures
-        self._dave_totals[2] += stats.recoveries
+        self._dave_totals[0] += stats.encrypt_failures
+        self._dave_totals[1] += stats.recoveries
 
     def _established(self) -> bool:
         return self._protocol is not None and self._protocol.established
@@ -1160,7 +1159,7 @@ class Session:
         udp.cipher = cipher
         sequence, timestamp = self._lane.continuation() or (0, 0)
         self._sender = RtpSender(ready.ssrc, cipher, sequence=sequence, timestamp=timestamp)
-        self._lane.attach(self._sender, protocol.dave, udp.send)
+        self._lane.attach(self._sender, protocol.dave, udp)
         self._last_close_code = None  # a later end must not report the code this connection recovered from
         self._policy.connection_ready(self._loop.time())
         self._set_state(SessionState.READY)

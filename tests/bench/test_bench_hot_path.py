@@ -154,6 +154,24 @@ async def test_udp_sends_directly_and_falls_back_in_order(receiver: socket.socke
     assert udp.stats.send_errors == 1
 
 
+async def test_udp_direct_send_steps_aside_while_the_transport_queues(receiver: socket.socket) -> None:
+    udp = await UdpConnection.open("127.0.0.1", receiver.getsockname()[1])
+    try:
+        assert udp.direct_send is not None, "a connected socket: audio goes straight to it"
+        udp.direct_send(b"\x00" * 20)
+        assert udp.send_failed(b"\x01" * 20, BlockingIOError()), "busy: queued in the transport"
+        assert udp.direct_send is None, "nothing may overtake the queued datagram"
+        assert udp.send(b"\x02" * 20)
+        received = [(await asyncio.to_thread(receiver.recv, 100))[0] for _ in range(3)]
+        assert received == [0, 1, 2]
+        assert udp.send(b"\x03" * 20) and udp.direct_send is not None, "the queue drained: direct again"
+        assert not udp.send_failed(b"\x04" * 20, ConnectionRefusedError())
+        assert udp.stats.socket_errors == 1
+    finally:
+        udp.close()
+    assert udp.direct_send is None
+
+
 # ---- benchmark helpers -----------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,14 +30,20 @@ class FakeDave:
     ready: bool = False
     fail: bool = False
     encrypted: int = 0
+    failures: int = 0
 
-    def encrypt(self, opus: bytes) -> bytes | None:
-        if opus == OPUS_SILENCE or not self.dave_required:
-            return opus
-        if not self.ready or self.fail:
-            return None
+    @property
+    def encryptor(self) -> Callable[[bytes], bytes] | None:
+        return self._encrypt if self.ready and self.dave_required else None
+
+    def _encrypt(self, opus: bytes) -> bytes:
+        if self.fail:
+            raise ValueError("encryption failed")
         self.encrypted += 1
         return b"E" + opus
+
+    def encrypt_failed(self, exc: ValueError) -> None:
+        self.failures += 1
 
 
 @dataclass
@@ -44,6 +51,11 @@ class Wire:
     packets: list[tuple[int, int, bytes]] = field(default_factory=list)
     speaking: list[bool] = field(default_factory=list)
     up: bool = True
+
+    direct_send: Callable[[bytes], object] | None = None
+
+    def send_failed(self, datagram: bytes, exc: OSError) -> bool:
+        raise AssertionError("the wire has no direct send")
 
     def send(self, datagram: bytes) -> bool:
         if not self.up:
@@ -56,6 +68,36 @@ class Wire:
         return [p for _, _, p in self.packets]
 
 
+@dataclass
+class DirectWire(Wire):
+    """A wire with a direct path like a connected UdpConnection's; its ``refuse_at``-th call says "busy"."""
+
+    refuse_at: int = -1
+    calls: int = 0
+    direct: int = 0
+    refused: int = 0
+
+    def __post_init__(self) -> None:
+        self.direct_send = self.send_directly
+
+    def send_directly(self, datagram: bytes) -> None:
+        index, self.calls = self.calls, self.calls + 1
+        if index == self.refuse_at:
+            raise BlockingIOError
+        self.direct += 1
+        Wire.send(self, datagram)
+
+    def send_failed(self, datagram: bytes, exc: OSError) -> bool:
+        assert isinstance(exc, BlockingIOError)
+        self.refused += 1
+        self.direct_send = None  # queued, as the connection does
+        return Wire.send(self, datagram)
+
+    def send(self, datagram: bytes) -> bool:
+        self.direct_send = self.send_directly  # the queue has drained by the next send, as on a real socket
+        return Wire.send(self, datagram)
+
+
 def make_lane(wire: Wire, *, grace: float = 0.1) -> TransmitLane:
     return TransmitLane(get_clock(), set_speaking=wire.speaking.append, idle_grace=grace)
 
@@ -64,7 +106,7 @@ async def test_client_lane_sends_in_order_then_silence_then_goes_idle() -> None:
     wire, queue = Wire(), FrameQueue(3)
     lane = make_lane(wire)
     lane.set_provider(queue)
-    lane.attach(RtpSender(1, CIPHER, sequence=65530, timestamp=2**32 - 1920), None, wire.send)
+    lane.attach(RtpSender(1, CIPHER, sequence=65530, timestamp=2**32 - 1920), None, wire)
     frames = [bytes([i]) * 20 for i in range(12)]
     async with asyncio.timeout(5):
         for frame in frames:
@@ -87,7 +129,7 @@ async def test_client_lane_underrun_tail_grace_and_timestamp_gap() -> None:
     wire, queue = Wire(), FrameQueue(5)
     lane = make_lane(wire, grace=0.06)
     lane.set_provider(queue)
-    lane.attach(RtpSender(1, CIPHER), None, wire.send)
+    lane.attach(RtpSender(1, CIPHER), None, wire)
     for frame in (b"a", b"b"):
         await queue.put(frame)
     lane.wake()
@@ -106,12 +148,27 @@ async def test_client_lane_underrun_tail_grace_and_timestamp_gap() -> None:
     assert wire.speaking == [True, False, True, False]
 
 
+async def test_client_lane_sends_directly_and_steps_aside_after_a_refusal() -> None:
+    wire, queue = DirectWire(refuse_at=3), FrameQueue(8)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    lane.attach(RtpSender(1, CIPHER), None, wire)
+    for i in range(7):
+        await queue.put(bytes([i]))
+    await lane.stop()
+    assert wire.payloads() == [bytes([i]) for i in range(7)] + [OPUS_SILENCE] * SILENCE_FRAMES
+    assert wire.refused == 1, "the refused packet went to send_failed, in its place"
+    # 0-2 direct; 3 refused; 4 through send (which finds the queue drained); 5, 6 and the silence direct.
+    assert wire.direct == 3 + 2 + SILENCE_FRAMES
+    assert lane.stats.frames_sent == 7 and lane.stats.dropped == 0
+
+
 async def test_client_lane_does_not_pull_while_dave_is_not_ready() -> None:
     wire, queue = Wire(), FrameQueue(2)
     lane = make_lane(wire)
     lane.set_provider(queue)
     dave = FakeDave()
-    lane.attach(RtpSender(1, CIPHER), dave, wire.send)  # type: ignore[arg-type]
+    lane.attach(RtpSender(1, CIPHER), dave, wire)  # type: ignore[arg-type]
     writer = asyncio.ensure_future(asyncio.gather(*(queue.put(bytes([i])) for i in range(4))))
     lane.wake()
     await asyncio.sleep(0.15)
@@ -122,7 +179,7 @@ async def test_client_lane_does_not_pull_while_dave_is_not_ready() -> None:
         await writer
         await lane.stop()
     assert wire.payloads()[:4] == [b"E\x00", b"E\x01", b"E\x02", b"E\x03"]
-    assert dave.encrypted == 4 and lane.stats.dropped == 0
+    assert dave.encrypted == 4 and lane.stats.dave_encrypted == 4 and lane.stats.dropped == 0
 
 
 async def test_client_lane_silence_only_while_dave_becomes_unready_mid_stream() -> None:
@@ -130,7 +187,7 @@ async def test_client_lane_silence_only_while_dave_becomes_unready_mid_stream() 
     lane = make_lane(wire)
     lane.set_provider(queue)
     dave = FakeDave(ready=True)
-    lane.attach(RtpSender(1, CIPHER), dave, wire.send)  # type: ignore[arg-type]
+    lane.attach(RtpSender(1, CIPHER), dave, wire)  # type: ignore[arg-type]
     await queue.put(b"x")
     lane.wake()
     await wait_until(lambda: wire.payloads() == [b"Ex"])
@@ -148,7 +205,7 @@ async def test_client_lane_waits_without_transport_and_continues_numbering() -> 
     wire, queue = Wire(), FrameQueue(5)
     lane = make_lane(wire)
     lane.set_provider(queue)
-    lane.attach(RtpSender(1, CIPHER, sequence=100), None, wire.send)
+    lane.attach(RtpSender(1, CIPHER, sequence=100), None, wire)
     await queue.put(b"1")
     lane.wake()
     await wait_until(lambda: len(wire.packets) == 1)
@@ -159,7 +216,7 @@ async def test_client_lane_waits_without_transport_and_continues_numbering() -> 
     continuation = lane.continuation()
     assert continuation is not None
     sequence, _ = continuation
-    lane.attach(RtpSender(2, CIPHER, sequence=sequence, timestamp=continuation[1]), None, wire.send)
+    lane.attach(RtpSender(2, CIPHER, sequence=sequence, timestamp=continuation[1]), None, wire)
     await lane.stop()
     assert b"2" in wire.payloads()
     new_first = next(s for s, _, p in wire.packets if p == b"2")
@@ -171,12 +228,13 @@ async def test_client_lane_counts_dropped_frames() -> None:
     lane = make_lane(wire)
     lane.set_provider(queue)
     dave = FakeDave(ready=True, fail=True)
-    lane.attach(RtpSender(1, CIPHER), dave, wire.send)  # type: ignore[arg-type]
+    lane.attach(RtpSender(1, CIPHER), dave, wire)  # type: ignore[arg-type]
     await queue.put(b"will-fail")
     await queue.put(b"x" * 5000)  # larger than any 20 ms Opus packet
     lane.wake()
     await lane.stop()
     assert lane.stats.dropped == 2 and lane.stats.frames_sent == 0
+    assert dave.failures == 1, "the failed encryption was reported to the DAVE client"
     wire.up = False
     dave.fail = False
     await queue.put(b"socket-closed")
@@ -239,7 +297,7 @@ async def test_client_lane_timestamps_stay_on_wall_time_when_the_clock_skips_tic
     wire = Wire()
     lane = make_lane(wire)
     lane.set_provider(EndlessFrames())
-    lane.attach(RtpSender(1, CIPHER), None, wire.send)
+    lane.attach(RtpSender(1, CIPHER), None, wire)
     lane.wake()
     async with asyncio.timeout(5):
         await wait_until(lambda: len(wire.packets) >= 5)
@@ -264,7 +322,7 @@ async def test_client_lane_subscribes_with_its_providers_tick_weight() -> None:
     lanes[0].set_provider(EndlessFrames())
     lanes[1].set_provider(HeavyFrames())
     for lane in lanes:
-        lane.attach(RtpSender(1, CIPHER), None, Wire().send)
+        lane.attach(RtpSender(1, CIPHER), None, Wire())
         lane.wake()
     assert sum(clock.slot_loads()) == 1 + HEAVY_TICK
     for lane in lanes:

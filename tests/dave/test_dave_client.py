@@ -39,6 +39,8 @@ def test_lifecycle_events_and_codes() -> None:
     a, b = h.members[1].client, h.members[2].client
     assert isinstance(a, DaveClient)
     assert a.ready and a.epoch == 1 and a.member_ids == [1, 2]
+    assert a.encryptor is not None and is_dave_frame(a.encryptor(OPUS))
+    assert b.decrypt(1, a.encryptor(OPUS)) == OPUS
     assert [e.epoch for e in h.members[1].epoch_events] == [1]
     assert h.members[1].epoch_events[0].privacy_code == a.privacy_code
     assert a.privacy_code is not None and len(a.privacy_code) == 30
@@ -58,7 +60,7 @@ def test_no_opus_before_the_group_is_ready() -> None:
     assert client.encrypt(OPUS) == OPUS  # before op 4 nothing is known: transport only
     actions = client.on_session_description(1, 5, CHANNEL_ID)
     assert [type(x) for x in actions] == [SendKeyPackage]
-    assert client.dave_required and not client.ready
+    assert client.dave_required and not client.ready and client.encryptor is None
     assert client.encrypt(OPUS) is None
     assert client.encrypt(OPUS_SILENCE) == OPUS_SILENCE
     assert client.stats.encrypt_withheld == 1
@@ -134,6 +136,7 @@ def test_every_davey_failure_is_contained(caplog: pytest.LogCaptureFixture) -> N
     assert [type(x) for x in actions] == [SendInvalidCommitWelcome, EpochChanged, SendKeyPackage]
     assert actions[0] == SendInvalidCommitWelcome(9) and actions[1] == EpochChanged(None, None)
     assert not a.ready and a.stats.recoveries == 1
+    assert a.encryptor is None, "the transmit lane's hot path follows readiness"
     # The key package is fresh and valid for the DS.
     key_package = actions[2]
     assert isinstance(key_package, SendKeyPackage)
@@ -171,6 +174,16 @@ def test_unrecognised_users_are_not_committed() -> None:
     assert client.recognized_users == frozenset()
 
 
+def test_failed_encryptions_are_counted_and_logged_sparingly(caplog: pytest.LogCaptureFixture) -> None:
+    client = DaveClient()
+    caplog.set_level(logging.WARNING, logger="cordvoice.dave.session")
+    for _ in range(1001):
+        client.encrypt_failed(ValueError("EncryptionFailure"))
+    assert client.stats.encrypt_failures == 1001
+    assert client.stats.last_error == "encrypt_opus: EncryptionFailure"
+    assert caplog.text.count("DAVE encrypt_opus failed") == 2  # the first, then the 1,001st
+
+
 def test_downgrade_and_upgrade_windows() -> None:
     h = _group(1, 2)
     a = h.members[1].client
@@ -179,7 +192,7 @@ def test_downgrade_and_upgrade_windows() -> None:
     assert a.decrypt(2, OPUS) == OPUS  # peers may already send plain frames
     actions = a.on_execute_transition(40)
     assert actions == [EpochChanged(None, None)]
-    assert a.protocol_version == 0 and a.encrypt(OPUS) == OPUS
+    assert a.protocol_version == 0 and a.encrypt(OPUS) == OPUS and a.encryptor is None
     assert a.on_execute_transition(40) == [] and a.stats.failures["execute_unknown_transition"] == 1
     # Upgrade back: op 24 epoch 1 starts a new group with a new key package.
     actions = a.on_prepare_epoch(1, 1)

@@ -300,6 +300,7 @@ def test_sender_advances_and_wraps_every_counter(mode: str) -> None:
     header, payload = cipher.open_rtp(first)
     assert (header.sequence, header.timestamp, header.ssrc, payload) == (65535, 2**32 - 960, 0xCAFE, b"one")
     assert first[-4:] == b"\xff\xff\xff\xff"
+    assert first == cipher.seal(first[:12], b"one", 2**32 - 1), "the inline AES-GCM seal is the general one"
     header, payload = cipher.open_rtp(second)
     assert (header.sequence, header.timestamp, payload) == (0, 0, rtp.OPUS_SILENCE)
     assert second[-4:] == b"\x00\x00\x00\x00"

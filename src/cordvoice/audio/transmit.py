@@ -49,6 +49,7 @@ __all__ = [
     "SILENCE_FRAMES",
     "FrameProvider",
     "FrameQueue",
+    "PacketSink",
     "TransmitLane",
     "TransmitStats",
 ]
@@ -168,6 +169,21 @@ class FrameQueue:
                 waiter.set_result(None)
 
 
+class PacketSink(Protocol):
+    """Where a lane's datagrams go: a :class:`~cordvoice.udp.connection.UdpConnection`, or a test's wire."""
+
+    direct_send: Callable[[bytes], object] | None
+    """A plain socket send for audio packets while one is usable (None: use :meth:`send`)."""
+
+    def send(self, datagram: bytes) -> bool:
+        """Send one datagram; False (counted by the sink) when it cannot go out."""
+        ...
+
+    def send_failed(self, datagram: bytes, exc: OSError) -> bool:
+        """``direct_send`` raised ``exc`` for ``datagram``: deal with it like :meth:`send` would."""
+        ...
+
+
 @dataclass
 class TransmitStats:
     """Counters of one lane (they survive resumes, moves and rejoins)."""
@@ -180,6 +196,8 @@ class TransmitStats:
     """Ticks served late by the clock's catch-up after a stall (counted when a subscription ends)."""
     skipped: int = 0
     """Ticks the clock skipped after a long stall (counted when a subscription ends)."""
+    dave_encrypted: int = 0
+    """Frames end-to-end encrypted (DAVE) before sending."""
     dave_withheld: int = 0
     """Ticks on which the lane did not pull because DAVE was required but not ready."""
     no_transport: int = 0
@@ -201,7 +219,8 @@ class TransmitLane:
         idle_grace: float = 0.2,
     ) -> None:
         self._clock = clock
-        self._send: Callable[[bytes], bool] = _not_connected
+        self._sink: PacketSink | None = None
+        self._direct_send: Callable[[bytes], object] | None = None
         self._set_speaking = set_speaking
         self._grace_ticks = max(1, round(idle_grace / FRAME_INTERVAL))
         self.provider: FrameProvider | None = None
@@ -281,11 +300,12 @@ class TransmitLane:
         timestamp = (previous.timestamp + FRAME_SAMPLES * self._frames_since(self._detached_at)) & 0xFFFF_FFFF
         return previous.sequence, timestamp
 
-    def attach(self, sender: RtpSender, dave: DaveClient | None, send: Callable[[bytes], bool]) -> None:
+    def attach(self, sender: RtpSender, dave: DaveClient | None, sink: PacketSink) -> None:
         """A voice connection is ready: seal with ``sender`` (the same one after a resume) and hand each
-        datagram to ``send`` (the connection's own, so a packet goes straight to its socket)."""
+        datagram to ``sink`` (the connection, so a packet goes straight to its socket)."""
         self.sender = sender
-        self._send = send
+        self._sink = sink
+        self._direct_send = sink.direct_send
         self._last_sender = sender
         self._detached_at = None
         self.dave = dave
@@ -297,7 +317,8 @@ class TransmitLane:
         if self.sender is not None:
             self._detached_at = self._clock.time()
         self.sender = None
-        self._send = _not_connected
+        self._sink = None
+        self._direct_send = None
         self.dave = None
         self._silence_left = 0
 
@@ -340,7 +361,8 @@ class TransmitLane:
         self._unsubscribe()
         self._idle_since = None
         self.sender = None
-        self._send = _not_connected
+        self._sink = None
+        self._direct_send = None
         self.dave = None
         self._release_stop_waiters()
 
@@ -357,10 +379,13 @@ class TransmitLane:
             self._no_audio(None, blocked=True)
             return
         dave = self.dave
-        if dave is not None and dave.dave_required and not dave.ready:
-            self.stats.dave_withheld += 1
-            self._no_audio(sender, blocked=True)
-            return
+        encrypt = None
+        if dave is not None:
+            encrypt = dave.encryptor  # an attribute, not dave.ready: this runs for every packet
+            if encrypt is None and dave.dave_required:
+                self.stats.dave_withheld += 1
+                self._no_audio(sender, blocked=True)
+                return
         provider = self.provider
         frame = provider.pull() if provider is not None else None
         if frame is None:
@@ -373,28 +398,55 @@ class TransmitLane:
             self._set_speaking(True)
         self._empty_ticks = 0
         self._silence_left = SILENCE_FRAMES
-        payload: bytes | None
+        stats = self.stats
+        payload: bytes | None = frame
         if len(frame) > _MAX_FRAME:
             logger.warning("dropped a %d-byte frame: too large for one 20 ms Opus packet", len(frame))
             payload = None
-        elif dave is not None:
-            payload = dave.encrypt(frame)
-        else:
-            payload = frame
+        elif encrypt is not None and frame != OPUS_SILENCE:  # silence is never end-to-end encrypted
+            try:
+                payload = encrypt(frame)
+            except ValueError as exc:
+                payload = None
+                if dave is not None:
+                    dave.encrypt_failed(exc)
+            else:
+                stats.dave_encrypted += 1
         if payload is None:
-            self.stats.dropped += 1
+            stats.dropped += 1
             sender.skip(1)
-        elif self._send(sender.build(payload)):
-            self.stats.frames_sent += 1
+        elif self._send_audio(sender.build(payload)):
+            stats.frames_sent += 1
         else:
-            self.stats.dropped += 1
+            stats.dropped += 1
+
+    def _send_audio(self, packet: bytes) -> bool:
+        """Hand an audio packet to the sink's ``direct_send`` (kept on the lane: at 1,000 sessions every
+        object a packet touches costs cache misses), or to ``send`` while the sink has no direct path."""
+        direct = self._direct_send
+        if direct is not None:
+            try:
+                direct(packet)
+            except OSError as exc:
+                # Busy or broken: the sink queues or counts it; come back once it offers a direct path again.
+                self._direct_send = None
+                if self._sink is None:
+                    return False
+                return self._sink.send_failed(packet, exc)
+            return True
+        sink = self._sink
+        if sink is None:
+            return False
+        sent = sink.send(packet)
+        self._direct_send = sink.direct_send  # after the send: it may have queued, or found the queue drained
+        return sent
 
     def _no_audio(self, sender: RtpSender | None, *, blocked: bool) -> None:
         """A tick without an audio frame: the silence tail, then the grace period, then idle."""
         if sender is not None:
             if self._silence_left > 0:
                 self._silence_left -= 1
-                if self._send(sender.build(OPUS_SILENCE)):
+                if self._send_audio(sender.build(OPUS_SILENCE)):
                     self.stats.silence_sent += 1
                 return
             sender.skip(1)
@@ -454,7 +506,3 @@ class TransmitLane:
         if since is None:
             return 0
         return max(0, round((self._clock.time() - since) / FRAME_INTERVAL))
-
-
-def _not_connected(datagram: bytes) -> bool:
-    return False

@@ -1,9 +1,10 @@
 """The client's DAVE state machine around ``davey.DaveSession`` (protocol.md §6.4), sans-IO.
 
 The voice gateway connection feeds it the DAVE opcodes as plain values and sends the actions it returns;
-the media path calls :meth:`DaveClient.encrypt` and :meth:`DaveClient.decrypt`. Every davey call is
-contained: davey raises ``ValueError`` for everything, and here a failure is counted, logged (never with
-key material) and answered the way protocol.md §6.4 asks, so no task ever dies of it.
+the media path calls :attr:`DaveClient.encryptor` (the transmit lane) or :meth:`DaveClient.encrypt`, and
+:meth:`DaveClient.decrypt`. Every davey call is contained: davey raises ``ValueError`` for everything, and
+here a failure is counted, logged (never with key material) and answered the way protocol.md §6.4 asks, so
+no task ever dies of it.
 
 Decisions where the sources are silent:
 
@@ -66,6 +67,8 @@ _REVOKE = davey.ProposalsOperationType.revoke
 _ACTIVE = davey.SessionStatus.active
 _PENDING = davey.SessionStatus.pending
 _AWAITING_RESPONSE = davey.SessionStatus.awaiting_response
+_LOG_EVERY = 1000
+"""A run of failed encryptions is logged once per this many failures."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +160,12 @@ class DaveClient:
         self._ready = False
         self._reported_epoch: int | None = None
         self._plain_peers_possible = False
-        self._encrypt_failing = False
+        self.encryptor: Callable[[bytes], bytes] | None = None
+        """Read-only: davey's ``encrypt_opus`` while the group is ready, else None (kept with readiness).
+
+        The transmit lane reads it once per packet of every stream, instead of calling ``dave_required``,
+        ``ready`` and :meth:`encrypt`; a ``ValueError`` from it goes to :meth:`encrypt_failed`.
+        """
         self._stall_timeout = stall_timeout
         self._stalled_since: float | None = None
         self._last_transition_id = 0
@@ -413,25 +421,28 @@ class DaveClient:
         Silence always passes unencrypted. When DAVE is required and the group is not ready, other frames
         return None: the caller sends silence instead, so no Opus leaves before the group exists.
         """
-        if opus == OPUS_SILENCE or not self._protocol_version:
-            return opus
-        session = self._session
-        if not self._ready or session is None:
+        encrypt = self.encryptor
+        if encrypt is None or opus == OPUS_SILENCE:
+            if opus == OPUS_SILENCE or not self._protocol_version:
+                return opus
             self.stats.encrypt_withheld += 1
             return None
         try:
-            frame = session.encrypt_opus(opus)
+            frame = encrypt(opus)
         except ValueError as exc:
-            # Counted per frame; logged once per run of failures so a stuck encryptor cannot flood logs.
-            self.stats.encrypt_failures += 1
-            self.stats.last_error = f"encrypt_opus: {exc}"
-            if not self._encrypt_failing:
-                self._encrypt_failing = True
-                logger.warning("DAVE encrypt_opus failed: %s", exc)
+            self.encrypt_failed(exc)
             return None
-        self._encrypt_failing = False
         self.stats.encrypted += 1
         return frame
+
+    def encrypt_failed(self, exc: ValueError) -> None:
+        """Count a failed ``encrypt_opus``; logged on the first failure and then every
+        :data:`_LOG_EVERY` failures, so a stuck encryptor cannot flood the log."""
+        stats = self.stats
+        stats.encrypt_failures += 1
+        stats.last_error = f"encrypt_opus: {exc}"
+        if stats.encrypt_failures % _LOG_EVERY == 1:
+            logger.warning("DAVE encrypt_opus failed (%d failures so far): %s", stats.encrypt_failures, exc)
 
     def decrypt(self, user_id: int, frame: bytes) -> bytes:
         """The Opus packet inside ``frame`` from ``user_id``.
@@ -543,6 +554,7 @@ class DaveClient:
             and session.ready
             and (session.epoch or 0) >= 1
         )
+        self.encryptor = session.encrypt_opus if self._ready and session is not None else None
         epoch = session.epoch if self._ready and session is not None else None
         if epoch != self._reported_epoch:
             self._reported_epoch = epoch
