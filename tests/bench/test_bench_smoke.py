@@ -140,4 +140,7 @@ def test_bench_receive() -> None:
         assert result["undecryptable"] == 0 and result["transport_undecryptable"] == 0
         assert result["frames_delivered"] > 0
         assert finite(report["users_per_core"][name])
+        assert result["gc"]["frozen_objects"] > 0, "the receiver's set-up heap is frozen by default"
+        assert result["consumer_dropped_in_window"] <= result["consumer_dropped"]
+    assert report["gc_freeze"] is True
     assert report["pcm"]["frames_with_pcm"] > 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -32,8 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cordvoice.audio.clock import get_clock
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import opus_frames
+from cordvoice.bench.gcwatch import GcWatch
 from cordvoice.bench.machine import CpuSnapshot, machine_info, pin_to_core, plan_placement, restores_affinity
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import SpyRecording, summarize
@@ -110,8 +113,9 @@ def _per_packet(cpu_s: float, packets: int) -> dict[str, float]:
 class ReceiveWorker:
     """The receiving process: builds the traffic, measures the stages, then receives the replayed packets."""
 
-    def __init__(self, *, users: int, seconds: float, senders: int) -> None:
+    def __init__(self, *, users: int, seconds: float, senders: int, gc_freeze: bool = True) -> None:
         self.traffic = Traffic(users=users, seconds=seconds, senders=senders)
+        self.gc_freeze = gc_freeze
         self._udp: Any = None
 
     async def cmd_describe(self) -> dict[str, Any]:
@@ -205,6 +209,10 @@ class ReceiveWorker:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         address = self._udp.local_address
         assert address is not None
+        if self.gc_freeze:
+            # The bench's own set-up (the DAVE group, every packet of the run: 100 MB at 1,000 users) is not
+            # a bot's heap; unfrozen, each full collection walked it and paused the loop for 40-66 ms.
+            gc.freeze()
         return int(address[1])
 
     async def cmd_receive(self, *, pcm: bool, seconds: float, receiver_index: int) -> dict[str, Any]:
@@ -230,6 +238,8 @@ class ReceiveWorker:
 
         consumer = asyncio.create_task(consume())
         stats = udp.stats
+        gc_watch = GcWatch()
+        stalls_before = get_clock().stalls
         try:
             # The window: from the first packet to the last one, measured by the packet counter.
             before = stats.rtp
@@ -237,6 +247,7 @@ class ReceiveWorker:
                 while stats.rtp == before:  # noqa: ASYNC110 - the blaster is in another process
                     await asyncio.sleep(0.001)
             first = stats.rtp
+            gc_watch.start()
             begin = CpuSnapshot.take()
             idle_since = time.monotonic()
             last = first
@@ -246,6 +257,8 @@ class ReceiveWorker:
                     last = stats.rtp
                     idle_since = time.monotonic()
             end = CpuSnapshot.take()
+            gc_watch.stop()
+            dropped_in_window = frames.dropped
             await asyncio.sleep(0.2)  # let the jitter buffers play out
         finally:
             udp.receive_hook = None
@@ -271,6 +284,9 @@ class ReceiveWorker:
             # frames pushed out of the consumer's queue (both counted by the receiver, never silent).
             "decode_backlog_dropped": receiver.counters.decode_backlog_dropped,
             "consumer_dropped": frames.dropped,
+            "consumer_dropped_in_window": dropped_in_window,
+            "gc": gc_watch.report(),
+            "clock_stalls": get_clock().stalls - stalls_before,
         }
 
     async def close(self) -> None:
@@ -327,10 +343,15 @@ def run_receive(
     users: int = 200,
     seconds: float = 10.0,
     senders: int = 16,
+    gc_freeze: bool = True,
     profile_dir: Path | None = None,
     log_level: int = logging.WARNING,
 ) -> dict[str, Any]:
-    """Run the receive benchmark; returns its JSON-ready report (``profile_dir``: py-spy profiles there)."""
+    """Run the receive benchmark; returns its JSON-ready report (``profile_dir``: py-spy profiles there).
+
+    ``gc_freeze`` freezes the receiving process's heap after its set-up (``gc.freeze()``), as a bot can after
+    start-up, so that full collections measure the receive path's own objects.
+    """
     if users < 1:
         raise BenchError("--users must be at least 1")
     if seconds <= 0:
@@ -344,6 +365,7 @@ def run_receive(
         "seconds": seconds,
         "dave": True,
         "mode": MODE_AES256_GCM,
+        "gc_freeze": gc_freeze,
         "placement": (
             f"receiver pinned to core {placement.bench_core}, "
             f"packet replayer pinned to core {placement.emulator_core}"
@@ -356,7 +378,7 @@ def run_receive(
         "cordvoice.bench.receive:ReceiveWorker",
         name="receiver",
         core=placement.bench_core,
-        options={"users": users, "seconds": seconds, "senders": senders},
+        options={"users": users, "seconds": seconds, "senders": senders, "gc_freeze": gc_freeze},
         log_level=log_level,
     )
     blaster = ChildProcess(

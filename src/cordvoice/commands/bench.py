@@ -45,6 +45,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     receive.add_argument(
         "--senders", type=int, default=16, help="real DAVE group members sending (default 16)"
     )
+    receive.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="leave the receiver's set-up heap (DAVE group, pre-built packets) to the garbage collector",
+    )
     receive.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
 
     encode = subparsers.add_parser("encode", help="streams per core encoding from PCM and from MP3")
@@ -103,7 +109,12 @@ def _dispatch(args: argparse.Namespace, level: int) -> dict[str, Any]:
         from cordvoice.bench.receive import run_receive  # noqa: PLC0415
 
         return run_receive(
-            users=args.users, seconds=args.seconds, senders=args.senders, profile_dir=profile, log_level=level
+            users=args.users,
+            seconds=args.seconds,
+            senders=args.senders,
+            gc_freeze=args.gc_freeze,
+            profile_dir=profile,
+            log_level=level,
         )
     if args.benchmark == "encode":
         from cordvoice.bench.encode import run_encode  # noqa: PLC0415
