@@ -68,7 +68,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_QUEUE_FRAMES: Final = 3000
-"""Per consumer: 60 s of one user's audio, or 1 s of 60 users'."""
+"""Per consumer: 60 s of one user's audio, or 1 s of 60 users', but only 60 ms of 1,000 users': a larger call
+needs a larger ``maxsize`` (see :meth:`Receiver.listen`)."""
 _PARALLEL_DECODE_MIN: Final = 48
 """Below this many decode jobs per tick, one worker thread is cheaper than splitting the batch."""
 _MAX_TICK_ERRORS: Final = 20
@@ -322,7 +323,14 @@ class Receiver:
     def listen(
         self, user_id: int | None = None, *, pcm: bool = False, maxsize: int = DEFAULT_QUEUE_FRAMES
     ) -> FrameStream:
-        """A new stream of frames: every user's, or ``user_id``'s only; decoded to PCM if ``pcm``."""
+        """A new stream of frames: every user's, or ``user_id``'s only; decoded to PCM if ``pcm``.
+
+        ``maxsize`` frames wait for the consumer; beyond that the oldest are dropped and counted
+        (``dropped``). Every user delivers 50 frames a second, so an all-users stream of a large call needs
+        room for the longest pause the consumer or the loop may take: at 1,000 users the default holds 60 ms,
+        and full garbage collections of 40-66 ms (docs/benchmarks.md, receive) dropped frames there. Use
+        ``maxsize=users * 50 * seconds`` for the pause to absorb.
+        """
         stream = FrameStream(maxsize, user_id, pcm, self._detach_frames)
         if self._closed:
             stream._finish()
