@@ -9,15 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from cordvoice.audio.opus import OPUS_SILENCE, OpusDecoder, decode_slots
-from cordvoice.audio.receive_pipeline import (
-    STATUS_FEC,
-    STATUS_OK,
-    STATUS_PLC,
-    DecodeJob,
-    ReceivePipeline,
-    VoiceFrame,
-)
+from cordvoice.audio.opus import OPUS_SILENCE, STATUS_FEC, STATUS_OK, STATUS_PLC, OpusDecoder, decode_slots
+from cordvoice.audio.receive_pipeline import DecodeJob, ReceivePipeline, VoiceFrame
 from cordvoice.audio.samples import speech_like
 from cordvoice.errors import DaveDecryptError, InvalidArgumentError
 from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher

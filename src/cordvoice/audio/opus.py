@@ -155,12 +155,9 @@ class _LibOpus:
         self.decoder_create = cdll.opus_decoder_create
         self.decoder_create.argtypes = [c_int32, c_int, error_ptr]
         self.decoder_create.restype = c_void_p
-        self.decode = cdll.opus_decode
-        self.decode.argtypes = [c_void_p, c_char_p, c_int32, c_void_p, c_int, c_int]
-        self.decode.restype = c_int
-        # The same function without a prototype, for the decoder's hot path: every argument is then passed
-        # as given (a prepared c_void_p, bytes, small ints) instead of through six per-call converters.
-        self.decode_unchecked = cdll["opus_decode"]
+        # No prototype on purpose: it runs for every decoded frame, and every argument is then passed as
+        # given (a prepared c_void_p, bytes, small ints) instead of through six per-call converters.
+        self.decode_unchecked = cdll.opus_decode
         self.decode_unchecked.restype = c_int
         self.decoder_destroy = cdll.opus_decoder_destroy
         self.decoder_destroy.argtypes = [c_void_p]

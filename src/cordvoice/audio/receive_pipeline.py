@@ -45,8 +45,6 @@ from cordvoice.audio.opus import (
     SLOT_LOST,
     STATUS_ERROR,
     STATUS_FEC,
-    STATUS_OK,
-    STATUS_PLC,
     OpusDecoder,
     packet_samples,
 )
@@ -66,10 +64,6 @@ from cordvoice.udp.rtp import OPUS_PAYLOAD_TYPE, RtpHeader, is_rtcp
 __all__ = [
     "DEFAULT_JITTER_DELAY",
     "DEFAULT_JITTER_MAX_PACKETS",
-    "STATUS_ERROR",
-    "STATUS_FEC",
-    "STATUS_OK",
-    "STATUS_PLC",
     "DecodeJob",
     "DecryptFn",
     "PipelineCounters",

@@ -31,9 +31,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from cordvoice.audio.clock import HEAVY_TICK, Clock, ClockSubscription, get_clock
-from cordvoice.audio.opus import decode_slots
+from cordvoice.audio.opus import STATUS_ERROR, decode_slots
 from cordvoice.audio.receive_pipeline import (
-    STATUS_ERROR,
     DecodeJob,
     DecryptFn,
     PipelineCounters,

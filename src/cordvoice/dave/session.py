@@ -421,10 +421,10 @@ class DaveClient:
         Silence always passes unencrypted. When DAVE is required and the group is not ready, other frames
         return None: the caller sends silence instead, so no Opus leaves before the group exists.
         """
+        if opus == OPUS_SILENCE or not self._protocol_version:
+            return opus
         encrypt = self.encryptor
-        if encrypt is None or opus == OPUS_SILENCE:
-            if opus == OPUS_SILENCE or not self._protocol_version:
-                return opus
+        if encrypt is None:
             self.stats.encrypt_withheld += 1
             return None
         try:
