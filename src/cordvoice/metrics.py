@@ -34,9 +34,9 @@ class Histogram:
     __slots__ = ("_bounds", "_counts", "count", "max_ms", "min_ms", "total_ms")
 
     def __init__(self, bounds_ms: Sequence[float] = _DEFAULT_BOUNDS_MS) -> None:
-        if not bounds_ms or list(bounds_ms) != sorted(bounds_ms):
+        if bounds_ms is not _DEFAULT_BOUNDS_MS and (not bounds_ms or list(bounds_ms) != sorted(bounds_ms)):
             raise InvalidArgumentError("histogram bounds must be a non-empty ascending sequence")
-        self._bounds = tuple(bounds_ms)
+        self._bounds: tuple[float, ...] = tuple(bounds_ms)
         self._counts = [0] * len(self._bounds)
         self.count = 0
         self.total_ms = 0.0
@@ -70,8 +70,7 @@ class Histogram:
     def merge(self, other: Histogram) -> None:
         if other._bounds != self._bounds:
             raise InvalidArgumentError("cannot merge histograms with different buckets")
-        for i, n in enumerate(other._counts):
-            self._counts[i] += n
+        self._counts = [mine + theirs for mine, theirs in zip(self._counts, other._counts, strict=True)]
         self.count += other.count
         self.total_ms += other.total_ms
         self.max_ms = max(self.max_ms, other.max_ms)

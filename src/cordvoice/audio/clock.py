@@ -89,21 +89,29 @@ class ClockSubscription:
     @property
     def lateness(self) -> Histogram:
         """Lateness (ms) of every tick served to this subscription (see :meth:`Histogram.since`)."""
-        return self._record()[0]
+        if self._final is not None:
+            return self._final[0]
+        return self._slot.lateness.since(self._start[0])
 
     @property
     def ticks(self) -> int:
-        return self._record()[0].count
+        if self._final is not None:
+            return self._final[0].count
+        return self._slot.lateness.count - self._start[0].count
 
     @property
     def catchup_ticks(self) -> int:
         """Ticks served late, right after another, to catch up after a stall."""
-        return self._record()[1]
+        if self._final is not None:
+            return self._final[1]
+        return self._slot.catchup_ticks - self._start[1]
 
     @property
     def skipped_ticks(self) -> int:
         """Ticks never served: the clock re-anchored after a stall longer than its catch-up."""
-        return self._record()[2]
+        if self._final is not None:
+            return self._final[2]
+        return self._slot.skipped_ticks - self._start[2]
 
     def cancel(self) -> None:
         clock = self._clock
@@ -112,15 +120,8 @@ class ClockSubscription:
             clock._remove(self)
 
     def _end(self) -> None:
-        self._final = self._record()
+        self._final = (self.lateness, self.catchup_ticks, self.skipped_ticks)
         self._clock = None
-
-    def _record(self) -> tuple[Histogram, int, int]:
-        if self._final is not None:
-            return self._final
-        slot = self._slot
-        lateness, catchup, skipped = self._start
-        return slot.lateness.since(lateness), slot.catchup_ticks - catchup, slot.skipped_ticks - skipped
 
 
 @dataclass(eq=False)
