@@ -142,6 +142,30 @@ class JitterBuffer:
     timeline is the same whether the caller pops every millisecond or once a second.
     """
 
+    # Slots: a thousand users' buffers are each touched twice per packet, each time with cold caches.
+    __slots__ = (
+        "_anchor_time",
+        "_anchor_ts",
+        "_buffer",
+        "_emitted",
+        "_gap_lost",
+        "_last_end",
+        "_newest",
+        "_next_ext",
+        "_next_ts",
+        "_played",
+        "_probation",
+        "_started",
+        "_time_tolerance",
+        "_tolerance",
+        "clock_rate",
+        "delay",
+        "frame_samples",
+        "max_conceal",
+        "max_packets",
+        "stats",
+    )
+
     def __init__(
         self,
         *,

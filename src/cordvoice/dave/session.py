@@ -146,6 +146,26 @@ class DaveClient:
     Nothing raises out of them except programming errors. Version 0 means passthrough everywhere.
     """
 
+    # Slots: the transmit lane reads ``encryptor`` for every packet of every stream (see TransmitLane).
+    __slots__ = (
+        "_channel_id",
+        "_external_sender",
+        "_key_pair",
+        "_last_transition_id",
+        "_pending_transitions",
+        "_plain_peers_possible",
+        "_protocol_version",
+        "_ready",
+        "_recognized",
+        "_reported_epoch",
+        "_session",
+        "_stall_timeout",
+        "_stalled_since",
+        "_user_id",
+        "encryptor",
+        "stats",
+    )
+
     def __init__(
         self, *, key_pair: davey.SigningKeyPair | None = None, stall_timeout: float = STALL_TIMEOUT_S
     ) -> None:
