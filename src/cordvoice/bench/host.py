@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from typing import Any
 
+from cordvoice.bench.gcwatch import GcWatch
 from cordvoice.bench.machine import CpuSnapshot
 from cordvoice.bench.member import QuietMember
 from cordvoice.emulator.inspection import RtpStats
@@ -60,6 +62,7 @@ class EmulatorHost:
         self.guilds: list[int] = []
         self._bot_user_id = 0
         self._window_start: CpuSnapshot | None = None
+        self._gc = GcWatch()
         self._window_counters: dict[str, int] = {}
         self.unforwarded = 0
         """Quiet members the SFU no longer forwards audio to."""
@@ -212,7 +215,16 @@ class EmulatorHost:
         return found
 
     async def cmd_reset_rtp(self, *, guilds: list[int] | None = None) -> int:
-        """Start a measurement window: fresh arrival statistics for every bot stream, and a CPU snapshot."""
+        """Start a measurement window: fresh arrival statistics for every bot stream, and a CPU snapshot.
+
+        The emulator's heap (a thousand members' MLS state) is frozen first: a full collection of it pauses
+        the emulator for 100-230 ms, long enough for its socket to overflow, and the kernel's drops would
+        count as packets the bot lost.
+        """
+        gc.freeze()
+        self._gc.stop()
+        self._gc = GcWatch()
+        self._gc.start()
         endpoints = self._bot_endpoints(guilds)
         for endpoint in endpoints:
             endpoint.stats = RtpStats()
@@ -224,6 +236,7 @@ class EmulatorHost:
     async def cmd_rtp_report(self, *, guilds: list[int] | None = None) -> dict[str, Any]:
         """Arrival statistics of the bot's streams since :meth:`cmd_reset_rtp`, merged over all streams."""
         now = CpuSnapshot.take()
+        self._gc.stop()
         merged = Histogram()
         per_stream_p99: list[float] = []
         packets = lost = duplicates = out_of_order = streams = silent_streams = 0
@@ -255,6 +268,7 @@ class EmulatorHost:
             "sfu_forwarded": media.forwarded - self._window_counters.get("forwarded", 0),
             "sfu_drops": dict(media.counters),
             "emulator_cpu": now.since(self._window_start) if self._window_start is not None else None,
+            "emulator_gc": self._gc.report(),
         }
 
     async def cmd_counts(self) -> dict[str, Any]:

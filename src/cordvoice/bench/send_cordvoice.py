@@ -153,22 +153,28 @@ class CordvoiceSender:
             await session.write(frames[index % len(frames)])
             index += 1
 
-    def _packets(self) -> int:
-        return sum(s.stats.frames_sent + s.stats.silence_sent for s in self.sessions)
+    def _counts(self) -> tuple[int, int]:
+        """Packets sent and frames DAVE-encrypted so far, over every session (one ``stats`` read each)."""
+        packets = dave = 0
+        for session in self.sessions:
+            stats = session.stats
+            packets += stats.frames_sent + stats.silence_sent
+            dave += stats.dave_encrypted
+        return packets, dave
 
     async def cmd_begin(self) -> None:
         self._gc.start()
         clock = get_clock()
         clock.lateness = Histogram()
         self._stalls = clock.stalls
-        self._begin_packets = self._packets()
-        self._begin_dave = sum(s.stats.dave_encrypted for s in self.sessions)
+        self._begin_packets, self._begin_dave = self._counts()
         self._begin = CpuSnapshot.take()
 
     async def cmd_end(self) -> dict[str, Any]:
         end = CpuSnapshot.take()
         self._gc.stop()
-        packets = self._packets() - self._begin_packets
+        packets, dave = self._counts()
+        packets -= self._begin_packets
         assert self._begin is not None
         cpu = end.since(self._begin)
         clock = get_clock()
@@ -182,7 +188,7 @@ class CordvoiceSender:
             else None,
             "clock_wakeup_lateness_ms": clock.lateness.summary(),
             "clock_stalls": clock.stalls - self._stalls,
-            "dave_encrypted": sum(s.dave_encrypted for s in stats) - self._begin_dave,
+            "dave_encrypted": dave - self._begin_dave,
             "frames_dropped": sum(s.frames_dropped for s in stats),
             "dave_withheld_ticks": sum(s.dave_withheld for s in stats),
             "late_ticks": sum(s.late_ticks for s in stats),
