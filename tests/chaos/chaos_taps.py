@@ -101,7 +101,7 @@ class SfuTap:
         original = self.media.datagram_received
         counters = self.media.counters
 
-        def tapped(data: bytes, addr: Any) -> None:
+        def tapped(data: bytes, addr: Any, arrival: float | None = None) -> None:
             self.datagrams += 1
             before = counters.copy()
             kind, ssrc, sequence = classify(data)
@@ -110,7 +110,7 @@ class SfuTap:
             sender = self.media.endpoint_for_ssrc(ssrc) if kind == "rtp" else None
             receivers: list[MediaEndpoint] = self.media._channels.get(sender.channel_id, []) if sender else []
             listening = [(e, e.forwarded_to_client) for e in receivers if e.user_id not in self.ignored]
-            original(data, addr)
+            original(data, addr, arrival)
             moved = counters - before
             outcome = next(iter(moved)) if moved else "accepted"
             self.outcomes[(tuple(addr[:2]), kind, outcome)] += 1

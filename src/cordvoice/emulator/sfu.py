@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import secrets
 import socket
+import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -56,6 +59,11 @@ The hook owns the packet: it may drop it, duplicate it, hold it back or send it 
 """
 
 _MAX_DATAGRAM = 4096
+_SO_TIMESTAMPNS: int | None = getattr(socket, "SO_TIMESTAMPNS", None)
+if _SO_TIMESTAMPNS is None and sys.platform == "linux" and platform.machine() in {"x86_64", "aarch64"}:
+    _SO_TIMESTAMPNS = 35  # asm-generic/socket.h (x86 and arm); Python's socket module does not export it
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 #: Datagrams read per wakeup before yielding to the rest of the loop.
 READ_BATCH = 64
 #: Receive buffer asked for (the kernel caps it at net.core.rmem_max): bursts from many senders must not
@@ -119,6 +127,28 @@ def enlarge_receive_buffer(sock: socket.socket, size: int = RECEIVE_BUFFER) -> N
         logger.debug("could not enlarge the UDP receive buffer: %s", exc)
 
 
+def _ask_for_timestamps(sock: socket.socket) -> bool:
+    """Have the kernel stamp every datagram's arrival, where it can (Linux); False where it cannot."""
+    if _SO_TIMESTAMPNS is None:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError as exc:
+        logger.debug("no kernel arrival timestamps for the media server: %s", exc)
+        return False
+    return True
+
+
+def _kernel_arrival(ancillary: list[tuple[int, int, bytes]], to_monotonic: float) -> float | None:
+    """The arrival time the kernel stamped on a datagram, on the monotonic clock (None if it is missing)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            arrival: float = seconds + nanoseconds * 1e-9 + to_monotonic
+            return arrival
+    return None
+
+
 def _normalize(address: Address) -> Address:
     """``(host, port)``: IPv6 sockets report 4-tuples, Select Protocol carries only host and port."""
     return address if len(address) == 2 else (address[0], address[1])
@@ -146,6 +176,9 @@ class MediaServer:
         self.paused = False
         """While True every datagram in and out is dropped (counted as ``paused``/``paused_out``)."""
         self.forward_hook: ForwardHook | None = None
+        self._stamped = False
+        """The kernel stamps each datagram's arrival (Linux ``SO_TIMESTAMPNS``): arrival statistics then
+        measure the sender's pacing, not how long a datagram waited while this server was busy."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -161,11 +194,13 @@ class MediaServer:
         try:
             sock.setblocking(False)
             enlarge_receive_buffer(sock)
+            stamped = _ask_for_timestamps(sock)
             sock.bind(address)
         except BaseException:
             sock.close()
             raise
         server = cls(sock)
+        server._stamped = stamped
         server._loop = loop
         loop.add_reader(sock.fileno(), server._read_ready)
         return server
@@ -261,10 +296,18 @@ class MediaServer:
     # ---- datagrams -------------------------------------------------------------------------------
 
     def _read_ready(self) -> None:
-        recvfrom = self._sock.recvfrom
+        sock = self._sock
+        stamped = self._stamped
+        # Kernel stamps are wall-clock time; arrival statistics keep to the monotonic clock.
+        to_monotonic = time.monotonic() - time.time()
+        arrival: float | None = None
         for _ in range(READ_BATCH):
             try:
-                data, addr = recvfrom(_MAX_DATAGRAM)
+                if stamped:
+                    data, ancillary, _flags, addr = sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY_SPACE)
+                    arrival = _kernel_arrival(ancillary, to_monotonic)
+                else:
+                    data, addr = sock.recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ICMP errors reported on the socket
@@ -272,12 +315,13 @@ class MediaServer:
                 logger.debug("media server socket error: %s", exc)
                 continue
             try:
-                self.datagram_received(data, addr)
+                self.datagram_received(data, addr, arrival)
             except Exception:  # a bug must cost one packet, not the server
                 self.counters["internal_errors"] += 1
                 logger.exception("media server failed on a %d-byte datagram", len(data))
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # the hot path
+    def datagram_received(self, data: bytes, addr: Address, arrival: float | None = None) -> None:  # hot path
+        """Handle one datagram that arrived at ``arrival`` (``time.monotonic()`` seconds; None: now)."""
         self.received += 1
         if self.paused:
             self.counters["paused"] += 1
@@ -311,7 +355,9 @@ class MediaServer:
         if ssrc != endpoint.ssrc:
             self.counters["wrong_ssrc"] += 1
             return
-        endpoint.stats.record(sequence, timestamp, len(payload), time.monotonic())
+        if arrival is None:
+            arrival = time.monotonic()
+        endpoint.stats.record(sequence, timestamp, len(payload), arrival)
         receivers = self._channels.get(endpoint.channel_id)
         if receivers is None or len(receivers) < 2:
             return
