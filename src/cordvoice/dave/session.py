@@ -122,8 +122,11 @@ class DaveStats:
     """Counters for the session's ``stats``; ``failures`` and ``decrypt_failures`` are keyed by reason."""
 
     encrypted: int = 0
+    """Frames :meth:`DaveClient.encrypt` encrypted. The transmit lane calls ``encryptor`` directly and counts
+    its own (``TransmitStats.dave_encrypted``, which ``Session.stats`` reports)."""
     encrypt_withheld: int = 0
-    """Frames refused because DAVE is required and the group is not ready (the caller sends silence)."""
+    """Frames :meth:`DaveClient.encrypt` refused because DAVE is required and the group is not ready (the
+    caller sends silence); the transmit lane counts its own ticks withheld (``dave_withheld``)."""
     encrypt_failures: int = 0
     decrypted: int = 0
     decrypt_failures: Counter[str] = field(default_factory=Counter)
