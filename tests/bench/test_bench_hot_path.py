@@ -4,14 +4,17 @@
 * the UDP connection sends on its connected socket directly, falling back to the transport (which queues)
   when the kernel says "try again", without reordering datagrams;
 * py-spy profile summaries, percentile helpers, the child-process runner's error reporting, the looping
-  frame provider and the in-memory DAVE group.
+  frame provider, the in-memory DAVE group and the readings of how the measured core was shared.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from cordvoice.audio.clock import HEAVY_TICK, SLOT_CAPACITY, Clock, _spread_orde
 from cordvoice.audio.wake_timer import make_wake_timer
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import LoopingFrames, opus_frames
+from cordvoice.bench.machine import CoreShare
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import summarize
 from cordvoice.bench.send_cordvoice import percentiles
@@ -187,6 +191,30 @@ def test_profile_summary_counts_self_and_inclusive(tmp_path: Path) -> None:
     assert result["samples"] == 4
     assert dict(result["self"]) == {"b (y.py)": 75.0, "c (z.py)": 25.0}
     assert dict(result["inclusive"])["a (x.py)"] == 100.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_core_share_counts_the_pinned_process_and_nothing_for_an_unpinned_one() -> None:
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        assert CoreShare.take(os.getpid()) is not None  # a one-core machine pins everything already
+        return
+    assert CoreShare.take(os.getpid()) is None  # several cores: no single core to read
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        before = CoreShare.take(os.getpid())
+        assert before is not None and before.core == min(cores)
+        spin_until = time.process_time() + 0.3
+        while time.process_time() < spin_until:
+            pass
+        after = CoreShare.take(os.getpid())
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert after is not None
+    share = after.since(before)
+    assert 200 <= share["process_ms"] <= 1000  # 0.3 s of CPU, read in 10 ms ticks
+    assert share["other_processes_ms"] >= 0 and share["steal_ms"] >= 0
+    assert CoreShare.take(2**22 + 12345) is None  # no such process
 
 
 def test_percentiles_by_rank() -> None:

@@ -43,6 +43,9 @@ def check_sender(result: dict[str, Any], sessions: int) -> None:
     check_lateness(result["lateness_ms"])
     assert result["setup"]["setup_s"] > 0
     assert result["arrivals"]["streams"] == sessions
+    share = result["measured_core"]
+    if share is not None:  # None where the process under test could not be pinned to one core
+        assert share["process_ms"] >= 0 and share["other_processes_ms"] >= 0 and share["steal_ms"] >= 0
 
 
 def test_bench_send_with_discordpy_peer() -> None:
@@ -138,6 +141,7 @@ def test_bench_receive() -> None:
         result = report[name]
         assert result["packets"] > 0 and result["cpu_us_per_packet"] > 0
         assert result["undecryptable"] == 0 and result["transport_undecryptable"] == 0
+        assert result["measured_core"] is None or result["measured_core"]["steal_ms"] >= 0
         assert result["frames_delivered"] > 0
         assert finite(report["users_per_core"][name])
         assert result["gc"]["frozen_objects"] > 0, "the receiver's set-up heap is frozen by default"

@@ -22,6 +22,7 @@ from typing import ParamSpec, TypeVar
 from cordvoice.audio.workers import usable_cores
 
 __all__ = [
+    "CoreShare",
     "CpuSnapshot",
     "Placement",
     "cpu_seconds",
@@ -81,6 +82,53 @@ class CpuSnapshot:
             "user_s": round(self.user - earlier.user, 3),
             "system_s": round(self.system - earlier.system, 3),
             "core_percent": round(100.0 * cpu / wall, 1),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CoreShare:
+    """How one core's time was shared between the process under test, other processes and the hypervisor.
+
+    On a shared VM the lateness tail depends on time the process under test did not get: other processes
+    scheduled on its core, and *steal*, the host running something else on the virtual CPU. Both come from
+    ``/proc`` in clock ticks (``SC_CLK_TCK``, 10 ms on Linux), so a window of seconds resolves them to a tick.
+    """
+
+    core: int
+    busy: int
+    steal: int
+    process: int
+
+    @classmethod
+    def take(cls, pid: int) -> CoreShare | None:
+        """Readings for ``pid`` and the one core it is pinned to; None if it is not pinned or not on Linux."""
+        try:
+            cores = os.sched_getaffinity(pid)
+            if len(cores) != 1:
+                return None
+            (core,) = cores
+            with open("/proc/stat", encoding="ascii") as stat:
+                prefix = f"cpu{core} "
+                line = next(line for line in stat if line.startswith(prefix))
+            # user nice system idle iowait irq softirq steal
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+                # From field 3 (state) on; the command name before it may hold spaces.
+                fields = stat.read().rsplit(")", 1)[1].split()
+            process = int(fields[11]) + int(fields[12])  # utime + stime, every thread
+        except (AttributeError, OSError, StopIteration, ValueError, IndexError):
+            return None
+        return cls(core, user + nice + system + irq + softirq, steal, process)
+
+    def since(self, earlier: CoreShare) -> dict[str, float]:
+        """Milliseconds of the core between ``earlier`` and this reading: the process's, others', stolen."""
+        ms = 1000.0 / os.sysconf("SC_CLK_TCK")
+        process = self.process - earlier.process
+        return {
+            "core": self.core,
+            "process_ms": process * ms,
+            "other_processes_ms": max(0, self.busy - earlier.busy - process) * ms,
+            "steal_ms": (self.steal - earlier.steal) * ms,
         }
 
 

@@ -37,7 +37,14 @@ from cordvoice.audio.clock import get_clock
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import opus_frames
 from cordvoice.bench.gcwatch import GcWatch
-from cordvoice.bench.machine import CpuSnapshot, machine_info, pin_to_core, plan_placement, restores_affinity
+from cordvoice.bench.machine import (
+    CoreShare,
+    CpuSnapshot,
+    machine_info,
+    pin_to_core,
+    plan_placement,
+    restores_affinity,
+)
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import SpyRecording, summarize
 from cordvoice.dave.session import DaveClient
@@ -249,6 +256,7 @@ class ReceiveWorker:
             first = stats.rtp
             gc_watch.start()
             begin = CpuSnapshot.take()
+            share_before = CoreShare.take(os.getpid())
             idle_since = time.monotonic()
             last = first
             while time.monotonic() - idle_since < 0.2:
@@ -257,6 +265,7 @@ class ReceiveWorker:
                     last = stats.rtp
                     idle_since = time.monotonic()
             end = CpuSnapshot.take()
+            share_after = CoreShare.take(os.getpid())
             gc_watch.stop()
             dropped_in_window = frames.dropped
             await asyncio.sleep(0.2)  # let the jitter buffers play out
@@ -287,6 +296,12 @@ class ReceiveWorker:
             "consumer_dropped_in_window": dropped_in_window,
             "gc": gc_watch.report(),
             "clock_stalls": get_clock().stalls - stalls_before,
+            # Time the receiver did not get on its core shows as kernel drops when it is near saturation.
+            "measured_core": (
+                share_after.since(share_before)
+                if share_before is not None and share_after is not None
+                else None
+            ),
         }
 
     async def close(self) -> None:

@@ -7,8 +7,10 @@ under test on the other (``os.sched_setaffinity``). Phases, for cordvoice and th
    or with ``dave=False`` a stage channel without DAVE);
 2. the process under test logs in, joins every channel and waits for every DAVE group (``setup``);
 3. it starts streaming and warms up;
-4. the measurement window: the emulator starts fresh arrival statistics, the process under test takes a CPU
-   snapshot; ``seconds`` later both report.
+4. the measurement windows: the process under test reads its counters and takes a CPU snapshot, then
+   0.2 s later (once its clock has caught up) its clock figures and the emulator's arrival statistics
+   start; ``seconds`` later the emulator reports, then the process. ``measured_core`` says how the
+   process's core was shared in the arrival window (other processes, the hypervisor's steal).
 
 ``cpu_us_per_packet`` is the process under test's CPU (user + system, all threads) divided by the packets it
 sent in the window. ``lateness_ms`` is measured where the packets arrive: for every stream, how late each
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity
+from cordvoice.bench.machine import CoreShare, machine_info, pin_to_core, plan_placement, restores_affinity
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import SpyRecording, summarize
 
@@ -35,8 +37,8 @@ PEERS: dict[str, str] = {
     "discordpy": "cordvoice.bench.send_discordpy:DiscordpySender",
 }
 _SETTLE = 0.2
-"""Seconds between the process's "begin" and the start of the arrival window: the clock catches up the ticks
-that "begin" delayed before arrivals count."""
+"""Seconds the process under test waits after reading its counters at "begin" before the arrival window and
+its clock figures start: the clock catches up the ticks that reading delayed before anything counts."""
 _CORDVOICE = "cordvoice.bench.send_cordvoice:CordvoiceSender"
 
 
@@ -153,12 +155,13 @@ def _run_one(
         worker.call("stream", warmup=warmup)
         # The arrival window sits inside the process's window: reading a thousand sessions' counters at
         # "begin" and "end" pauses the process under test, and that pause is the bench's, not the library's.
-        worker.call("begin")
-        time.sleep(_SETTLE)
+        worker.call("begin", settle=_SETTLE)
         host.call("reset_rtp", guilds=guilds)
+        share_before = CoreShare.take(worker.info["pid"])
         recording = None if profile is None else SpyRecording(worker.info["pid"], seconds, profile)
         time.sleep(seconds)
         arrivals = host.call("rtp_report", guilds=guilds)
+        share_after = CoreShare.take(worker.info["pid"])
         measured = worker.call("end")
         profile_error = recording.wait() if recording is not None else ""
         counts = host.call("counts")
@@ -174,6 +177,10 @@ def _run_one(
         "process": measured,
         "arrivals": arrivals,
         "emulator": counts,
+        # The arrival window's share of the measured core: time the process did not get shows in the tail.
+        "measured_core": (
+            share_after.since(share_before) if share_before is not None and share_after is not None else None
+        ),
         "loop": worker.info.get("loop"),
     }
     if profile is not None:

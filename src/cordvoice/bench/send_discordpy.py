@@ -144,9 +144,10 @@ class DiscordpySender:
     def _packets(self) -> int:
         return sum(source.pulled for source in self.sources)
 
-    async def cmd_begin(self) -> None:
+    async def cmd_begin(self, settle: float = 0.0) -> None:
         self._begin_packets = self._packets()
         self._begin = CpuSnapshot.take()
+        await asyncio.sleep(settle)  # as the cordvoice side does, so both windows have the same shape
 
     async def cmd_end(self) -> dict[str, Any]:
         end = CpuSnapshot.take()

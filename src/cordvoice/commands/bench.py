@@ -165,6 +165,12 @@ def summary(report: dict[str, Any]) -> str:
                 f"p99 {late['p99']} max {late['max']} ms, lost {result['packets_lost']}, "
                 f"setup {result['setup']['setup_s']} s"
             )
+            share = result.get("measured_core")
+            if share is not None:
+                lines.append(
+                    f"{'':>10}  its core in the window: {share['other_processes_ms']:.0f} ms to other "
+                    f"processes, {share['steal_ms']:.0f} ms stolen by the host"
+                )
         if "ratios" in report:
             lines.append(f"discord.py / cordvoice: {report['ratios']}")
     elif kind == "receive":
