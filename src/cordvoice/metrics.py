@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Sequence
 
 from cordvoice.errors import InvalidArgumentError
@@ -70,7 +71,7 @@ class Histogram:
     def merge(self, other: Histogram) -> None:
         if other._bounds != self._bounds:
             raise InvalidArgumentError("cannot merge histograms with different buckets")
-        self._counts = [mine + theirs for mine, theirs in zip(self._counts, other._counts, strict=True)]
+        self._counts = list(map(operator.add, self._counts, other._counts))  # same length: same bounds
         self.count += other.count
         self.total_ms += other.total_ms
         self.max_ms = max(self.max_ms, other.max_ms)
@@ -89,18 +90,25 @@ class Histogram:
         Counts and the total are exact. An extreme is exact when it was set in that window; otherwise the
         window's extreme is not known, and the bound of its outermost non-empty bucket stands in for it.
         """
+        if earlier._bounds != self._bounds:
+            raise InvalidArgumentError("cannot subtract histograms with different buckets")
         window = Histogram(self._bounds)
-        window._counts = [now - before for now, before in zip(self._counts, earlier._counts, strict=True)]
+        counts = window._counts = list(map(operator.sub, self._counts, earlier._counts))
         window.count = self.count - earlier.count
         window.total_ms = self.total_ms - earlier.total_ms
-        filled = [i for i, n in enumerate(window._counts) if n]
-        if filled:
-            top, bottom = filled[-1], filled[0]
-            grew = self.max_ms > earlier.max_ms
-            window.max_ms = self.max_ms if grew else min(self.max_ms, self._bounds[top])
-            fell = self.min_ms < earlier.min_ms
-            floor = self._bounds[bottom - 1] if bottom else 0.0
-            window.min_ms = self.min_ms if fell else max(self.min_ms, floor)
+        if window.count:
+            # The bucket scans only run for an extreme the window did not set (Session.stats reads this
+            # for every session: usually both extremes moved since the copy).
+            if self.max_ms > earlier.max_ms:
+                window.max_ms = self.max_ms
+            else:
+                top = max(i for i, n in enumerate(counts) if n)
+                window.max_ms = min(self.max_ms, self._bounds[top])
+            if self.min_ms < earlier.min_ms:
+                window.min_ms = self.min_ms
+            else:
+                bottom = next(i for i, n in enumerate(counts) if n)
+                window.min_ms = max(self.min_ms, self._bounds[bottom - 1] if bottom else 0.0)
         return window
 
     def summary(self) -> dict[str, float | int]:

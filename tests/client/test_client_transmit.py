@@ -125,6 +125,34 @@ async def test_client_lane_sends_in_order_then_silence_then_goes_idle() -> None:
     assert lane.lateness().count >= 17
 
 
+async def test_client_lane_lateness_spans_its_subscriptions() -> None:
+    wire, queue = Wire(), FrameQueue(3)
+    lane = make_lane(wire)
+    lane.set_provider(queue)
+    lane.attach(RtpSender(1, CIPHER), None, wire)
+    async with asyncio.timeout(5):
+        for _ in range(3):
+            await queue.put(b"a" * 20)
+            lane.wake()
+        while lane.lateness().count < 3:
+            await asyncio.sleep(0.01)
+        first = lane.lateness()
+        first.record(999.0)
+        assert lane.lateness().max_ms < 999.0, "each call returns a histogram of its own"
+        await lane.stop()
+        assert not lane.active
+        after_first = lane.lateness().count
+        assert after_first >= 3 + SILENCE_FRAMES
+        for _ in range(3):
+            await queue.put(b"b" * 20)
+            lane.wake()
+        assert lane.active
+        while lane.lateness().count < after_first + 3:
+            await asyncio.sleep(0.01)
+        await lane.stop()
+    assert lane.lateness().count >= after_first + 3 + SILENCE_FRAMES, "the second subscription adds on"
+
+
 async def test_client_lane_underrun_tail_grace_and_timestamp_gap() -> None:
     wire, queue = Wire(), FrameQueue(5)
     lane = make_lane(wire, grace=0.06)

@@ -163,6 +163,8 @@ def test_histogram_since_reports_only_the_window_after_a_copy() -> None:
     window = slot.since(before)
     assert window.max_ms == 60.0 and window.min_ms == -0.5, "extremes set in the window are exact"
     assert slot.since(slot.copy()).count == 0
+    with pytest.raises(InvalidArgumentError):
+        slot.since(Histogram([1.0, 2.0]))
 
 
 async def test_subscriptions_read_their_share_of_the_slot_record() -> None:

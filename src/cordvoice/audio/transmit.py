@@ -298,9 +298,12 @@ class TransmitLane:
 
     def lateness(self) -> Histogram:
         """Lateness (ms) of every tick this lane was served, across all its subscriptions so far."""
+        sub = self._sub
+        if sub is not None and sub.active and not self._lateness.count:
+            return sub.lateness  # already a fresh histogram, and there is nothing earlier to merge
         merged = self._lateness.copy()
-        if self._sub is not None:
-            merged.merge(self._sub.lateness)
+        if sub is not None:
+            merged.merge(sub.lateness)
         return merged
 
     # ---- control ---------------------------------------------------------------------------------
