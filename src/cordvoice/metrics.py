@@ -97,12 +97,12 @@ class Histogram:
         window.count = self.count - earlier.count
         window.total_ms = self.total_ms - earlier.total_ms
         if window.count:
-            # The bucket scans only run for an extreme the window did not set (Session.stats reads this
-            # for every session: usually both extremes moved since the copy).
+            # Scan the buckets only for an extreme the window did not set: Session.stats runs this for every
+            # session it reads.
             if self.max_ms > earlier.max_ms:
                 window.max_ms = self.max_ms
             else:
-                top = max(i for i, n in enumerate(counts) if n)
+                top = next(i for i in range(len(counts) - 1, -1, -1) if counts[i])
                 window.max_ms = min(self.max_ms, self._bounds[top])
             if self.min_ms < earlier.min_ms:
                 window.min_ms = self.min_ms
