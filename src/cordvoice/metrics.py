@@ -69,8 +69,7 @@ class Histogram:
         return self.max_ms  # pragma: no cover - unreachable, counts always sum to count
 
     def merge(self, other: Histogram) -> None:
-        if other._bounds != self._bounds:
-            raise InvalidArgumentError("cannot merge histograms with different buckets")
+        self._check_buckets(other)
         self._counts = list(map(operator.add, self._counts, other._counts))  # same length: same bounds
         self.count += other.count
         self.total_ms += other.total_ms
@@ -90,8 +89,7 @@ class Histogram:
         Counts and the total are exact. An extreme is exact when it was set in that window; otherwise the
         window's extreme is not known, and the bound of its outermost non-empty bucket stands in for it.
         """
-        if earlier._bounds != self._bounds:
-            raise InvalidArgumentError("cannot subtract histograms with different buckets")
+        self._check_buckets(earlier)
         window = Histogram(self._bounds)
         counts = window._counts = list(map(operator.sub, self._counts, earlier._counts))
         window.count = self.count - earlier.count
@@ -110,6 +108,10 @@ class Histogram:
                 bottom = next(i for i, n in enumerate(counts) if n)
                 window.min_ms = max(self.min_ms, self._bounds[bottom - 1] if bottom else 0.0)
         return window
+
+    def _check_buckets(self, other: Histogram) -> None:
+        if other._bounds != self._bounds:
+            raise InvalidArgumentError("cannot combine histograms with different buckets")
 
     def summary(self) -> dict[str, float | int]:
         """p50/p99/max/mean in milliseconds, ready for JSON output."""

@@ -155,7 +155,7 @@ class CordvoiceSender:
 
     async def cmd_begin(self, settle: float = 0.0) -> None:
         """Start the CPU window, then after ``settle`` seconds the clock's: reading a thousand sessions'
-        counters pauses the loop about 20 ms, and the catch-up after that pause is the bench's."""
+        counters pauses the loop for 10-20 ms, and the catch-up after that pause is the bench's."""
         self._gc.start()
         stats = [s.stats for s in self.sessions]  # one read each
         self._begin_packets = _packets(stats)
