@@ -18,6 +18,7 @@ from cordvoice import cli
 from cordvoice.bench.encode import run_encode
 from cordvoice.bench.join import run_join
 from cordvoice.bench.memory import run_memory
+from cordvoice.bench.process import BenchError
 from cordvoice.bench.receive import run_receive
 from cordvoice.bench.send import run_send
 
@@ -52,6 +53,7 @@ def test_bench_send_with_discordpy_peer() -> None:
     report = run_send(sessions=2, seconds=1.0, warmup=0.5, dave=True, mode="xchacha", peer="discordpy")
     assert set(report["machine"]) >= MACHINE_KEYS
     assert report["benchmark"] == "send" and report["sessions"] == 2
+    assert report["sfu_reads"] == "timer"
     for key in ("cpu_us_per_packet", "lateness_ms", "packets_lost", "setup_s", "placement"):
         assert key in report
     check_sender(report["cordvoice"], 2)
@@ -67,7 +69,10 @@ def test_bench_send_with_discordpy_peer() -> None:
 
 
 def test_bench_send_without_dave_through_write() -> None:
-    report = run_send(sessions=2, seconds=1.0, warmup=0.5, dave=False, mode="aes", feed="write")
+    report = run_send(
+        sessions=2, seconds=1.0, warmup=0.5, dave=False, mode="aes", feed="write", sfu_reads="wakeup"
+    )
+    assert report["sfu_reads"] == "wakeup"
     result = report["cordvoice"]
     check_sender(result, 2)
     assert result["setup"]["dave_versions"] == [0]
@@ -123,6 +128,8 @@ def test_bench_command_line_summary_and_bad_arguments(capsys: pytest.CaptureFixt
     assert "--members" in capsys.readouterr().err
     assert cli.main(["bench", "send", "--sessions", "0"]) == 1
     assert "--sessions" in capsys.readouterr().err
+    with pytest.raises(BenchError, match="--sfu-reads"):
+        run_send(sessions=1, seconds=1.0, sfu_reads="sometimes")
 
 
 def test_bench_receive() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from cordvoice.emulator import Emulator, MediaEndpoint, Participant
 from cordvoice.emulator.inspection import RtpStats
+from cordvoice.errors import EmulatorError, InvalidArgumentError
 from cordvoice.udp import discovery
 from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher
 from cordvoice.udp.rtp import build_header
@@ -246,3 +247,34 @@ async def test_arrival_lateness_is_the_kernels_arrival_time_not_when_the_server_
         alice.send_datagram(packet(sequence, slot))
     await eventually(lambda: endpoint.stats.packets == 6)
     assert endpoint.stats.lateness.max_ms < 10.0, "lateness measured when the server read, not on arrival"
+
+
+async def test_timer_reads_forward_everything_and_refuse_bad_intervals(world: VoiceWorld) -> None:
+    """``read_every`` (the send benchmark's mode): datagrams wait in the socket until the next read."""
+    emu = world.emu
+    media = emu.voice_server().media
+    if not media._stamped:
+        with pytest.raises(EmulatorError, match="kernel arrival stamps"):
+            media.read_every(0.001)
+        return
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(InvalidArgumentError):
+            media.read_every(bad)
+    alice, bob = await stage_pair(world)
+    media.read_every(0.5)
+    with pytest.raises(EmulatorError, match="already reads on a timer"):
+        media.read_every(0.5)
+    frames = opaque_frames(6, 4)
+    await alice.play(frames)
+    heard = await bob.wait_for_frames(alice.user_id, 4)
+    assert [f.payload for f in heard[:4]] == frames
+    # Right after a read, a datagram waits in the socket for the next read, 500 ms later.
+    received = media.received
+    alice.send_datagram(b"\x00" * 8)
+    await eventually(lambda: media.received > received)
+    received = media.received
+    alice.send_datagram(b"\x00" * 8)
+    await asyncio.sleep(0.05)
+    assert media.received == received, "read on the timer, not when the socket became readable"
+    await eventually(lambda: media.received > received)
+    assert media.counters["short"] >= 2

@@ -5,9 +5,11 @@ world a benchmark asks for (one bot, many guilds with one channel each), puts qu
 participants in the channels, and reports what the SFU saw the bot send: per-stream arrival lateness
 against each stream's 20 ms grid (merged over all streams), sequence gaps, and its own CPU.
 
-Lateness here is measured when the SFU reads a packet, so it includes the time a packet waited in the SFU's
-socket while the emulator was busy: an upper bound of the sender's own lateness. The emulator's CPU share
-is reported beside it so that a busy emulator is visible.
+Lateness is measured from the kernel's arrival stamp of each datagram where the platform gives one (Linux),
+so a busy emulator does not add to it; elsewhere it is the time the SFU read the packet, an upper bound. The
+emulator's CPU share is reported beside it so that a busy emulator is visible. With ``sfu_read_interval``
+the SFU reads its socket on a timer (:meth:`~cordvoice.emulator.sfu.MediaServer.read_every`), so the sender's
+loopback sends never pay for waking this process.
 
 Quiet members never read media, so once they have joined the SFU stops forwarding to them
 (:meth:`~cordvoice.emulator.sfu.MediaServer.stop_forwarding_to`): the emulator's core then only receives,
@@ -49,7 +51,12 @@ class EmulatorHost:
     """Commands: ``world``, ``add_members``, ``add_listeners``, ``reset_rtp``, ``rtp_report``, ``heard``..."""
 
     def __init__(
-        self, *, tls: bool = False, offer_aes: bool = True, heartbeat_interval_ms: float = 13_750.0
+        self,
+        *,
+        tls: bool = False,
+        offer_aes: bool = True,
+        heartbeat_interval_ms: float = 13_750.0,
+        sfu_read_interval: float | None = None,
     ) -> None:
         self.emu = Emulator(
             rate_limit=None,
@@ -57,6 +64,7 @@ class EmulatorHost:
             voice_config=VoiceServerConfig(offer_aes=offer_aes, heartbeat_interval_ms=heartbeat_interval_ms),
             close_timeout=1.0,
         )
+        self._sfu_read_interval = sfu_read_interval
         self.members: dict[int, list[QuietMember]] = {}
         self.listeners: dict[int, list[Participant]] = {}
         self.guilds: list[int] = []
@@ -69,6 +77,8 @@ class EmulatorHost:
 
     async def start(self) -> None:
         await self.emu.start()
+        if self._sfu_read_interval is not None:
+            self.emu.voice_server().media.read_every(self._sfu_read_interval)
         bot = self.emu.create_bot(_BOT_NAME)
         self._bot_user_id = bot.user_id
         self._bot_token = bot.token

@@ -40,6 +40,9 @@ _SETTLE = 0.2
 """Seconds the process under test waits after reading its counters at "begin" before the arrival window and
 its clock figures start: the clock catches up the ticks that reading delayed before anything counts."""
 _CORDVOICE = "cordvoice.bench.send_cordvoice:CordvoiceSender"
+_SFU_READ_INTERVAL = 0.001
+"""Seconds between the emulator's reads of its media socket (``--sfu-reads timer``; see
+:meth:`~cordvoice.emulator.sfu.MediaServer.read_every`)."""
 
 
 @restores_affinity
@@ -53,6 +56,7 @@ def run_send(
     uvloop: bool = False,
     feed: str = "provider",
     slot_capacity: int | None = None,
+    sfu_reads: str = "timer",
     warmup: float = 3.0,
     profile_dir: Path | None = None,
     log_level: int = logging.WARNING,
@@ -60,7 +64,9 @@ def run_send(
     """Run the send benchmark and return its JSON-ready report.
 
     ``profile_dir``: record a py-spy profile of each process under test during its window there, and add
-    a summary (self and inclusive sample shares) to the report.
+    a summary (self and inclusive sample shares) to the report. ``sfu_reads``: ``timer`` (the emulator reads
+    its media socket every millisecond, so the sender's loopback sends never wake it) or ``wakeup`` (it reads
+    whenever the socket is readable, as it does outside benchmarks).
     """
     if sessions < 1:
         raise BenchError("--sessions must be at least 1")
@@ -68,6 +74,8 @@ def run_send(
         raise BenchError("--seconds must be positive")
     if mode not in ("aes", "xchacha"):
         raise BenchError("--mode must be aes or xchacha")
+    if sfu_reads not in ("timer", "wakeup"):
+        raise BenchError("--sfu-reads must be timer or wakeup")
     if peer is not None and peer not in PEERS:
         raise BenchError(f"unknown peer {peer!r}; known: {sorted(PEERS)}")
     placement = plan_placement()
@@ -82,6 +90,7 @@ def run_send(
         "loop": "uvloop" if uvloop else "asyncio",
         "feed": feed,
         "clock_slot_capacity": "library default" if slot_capacity is None else slot_capacity,
+        "sfu_reads": sfu_reads,
         "warmup_s": warmup,
         "placement": placement.describe(),
         "machine": machine,
@@ -90,7 +99,11 @@ def run_send(
         "cordvoice.bench.host:EmulatorHost",
         name="emulator",
         core=placement.emulator_core,
-        options={"tls": peer == "discordpy", "offer_aes": mode == "aes"},
+        options={
+            "tls": peer == "discordpy",
+            "offer_aes": mode == "aes",
+            "sfu_read_interval": _SFU_READ_INTERVAL if sfu_reads == "timer" else None,
+        },
         log_level=log_level,
     )
     with host:

@@ -36,6 +36,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="passthrough streams per slot of the shared clock (default: the library's; 0 spreads evenly)",
     )
+    send.add_argument(
+        "--sfu-reads",
+        choices=("timer", "wakeup"),
+        default="timer",
+        help="the emulator reads its media socket every 1 ms (default: sends never wake it) or when readable",
+    )
     send.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before measuring")
     send.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
 
@@ -101,6 +107,7 @@ def _dispatch(args: argparse.Namespace, level: int) -> dict[str, Any]:
             uvloop=args.uvloop,
             feed=args.feed,
             slot_capacity=args.slot_capacity,
+            sfu_reads=args.sfu_reads,
             warmup=args.warmup,
             profile_dir=profile,
             log_level=level,

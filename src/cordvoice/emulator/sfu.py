@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from cordvoice.emulator.inspection import RtpStats
-from cordvoice.errors import DecryptionError, EmulatorError, ProtocolError
+from cordvoice.errors import DecryptionError, EmulatorError, InvalidArgumentError, ProtocolError
 from cordvoice.udp import discovery
 from cordvoice.udp.crypto import TransportCipher
 
@@ -69,6 +69,8 @@ READ_BATCH = 64
 #: Receive buffer asked for (the kernel caps it at net.core.rmem_max): bursts from many senders must not
 #: overflow the socket while the event loop is busy; loopback drops are silent otherwise.
 RECEIVE_BUFFER = 4 << 20
+#: Batches of READ_BATCH one timer read (MediaServer.read_every) takes before other callbacks get the loop.
+_TIMER_READ_BATCHES = 16
 _RTP_HEADER = 12
 _RTCP_FIRST = 200
 _RTCP_LAST = 204
@@ -179,6 +181,8 @@ class MediaServer:
         self._stamped = False
         """The kernel stamps each datagram's arrival (Linux ``SO_TIMESTAMPNS``): arrival statistics then
         measure the sender's pacing, not how long a datagram waited while this server was busy."""
+        self._read_timer: asyncio.TimerHandle | None = None
+        """Set while the socket is read on a timer (:meth:`read_every`) instead of whenever it is readable."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -209,9 +213,39 @@ class MediaServer:
         """Stop reading and close the socket. Idempotent."""
         if self._sock.fileno() < 0:
             return
-        if self._loop is not None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        elif self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+
+    def read_every(self, interval: float) -> None:
+        """Read the socket every ``interval`` seconds instead of whenever a datagram makes it readable.
+
+        For benchmarks on loopback: there the sender's ``send()`` also runs the receiving side's kernel path,
+        so each datagram that wakes this server's sleeping process is a wake-up (an inter-processor interrupt
+        on a virtual machine) charged to the sender's CPU, which a sender facing a real network never pays.
+        A timer read takes that cost off the sender. It needs the kernel's arrival stamps, since a datagram
+        now waits up to ``interval`` in the socket: the stamps keep the arrival statistics exact.
+        """
+        if not 0.0 < interval <= 1.0:
+            raise InvalidArgumentError(f"interval must be in (0, 1] seconds, got {interval!r}")
+        if not self._stamped:
+            raise EmulatorError("timer reads need kernel arrival stamps, which this platform does not give")
+        loop = self._loop
+        if loop is None or self.closed or self._read_timer is not None:
+            raise EmulatorError("the media server is closed or already reads on a timer")
+        loop.remove_reader(self._sock.fileno())
+
+        def read(due: float) -> None:
+            # Drain the socket, but leave the loop to its other callbacks between batches of batches.
+            drained = any(not self._read_ready() for _ in range(_TIMER_READ_BATCHES))
+            due = max(due + interval, loop.time()) if drained else loop.time()
+            self._read_timer = loop.call_at(due, read, due)
+
+        first = loop.time() + interval
+        self._read_timer = loop.call_at(first, read, first)
 
     @property
     def closed(self) -> bool:
@@ -295,7 +329,8 @@ class MediaServer:
 
     # ---- datagrams -------------------------------------------------------------------------------
 
-    def _read_ready(self) -> None:
+    def _read_ready(self) -> bool:
+        """Read up to :data:`READ_BATCH` datagrams; True if the socket may hold more."""
         sock = self._sock
         stamped = self._stamped
         # Kernel stamps are wall-clock time; arrival statistics keep to the monotonic clock.
@@ -309,7 +344,7 @@ class MediaServer:
                 else:
                     data, addr = sock.recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:  # e.g. ICMP errors reported on the socket
                 self.counters["socket_errors"] += 1
                 logger.debug("media server socket error: %s", exc)
@@ -319,6 +354,7 @@ class MediaServer:
             except Exception:  # a bug must cost one packet, not the server
                 self.counters["internal_errors"] += 1
                 logger.exception("media server failed on a %d-byte datagram", len(data))
+        return True
 
     def datagram_received(self, data: bytes, addr: Address, arrival: float | None = None) -> None:  # hot path
         """Handle one datagram that arrived at ``arrival`` (``time.monotonic()`` seconds; None: now)."""
