@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -54,6 +55,7 @@ def test_bench_send_with_discordpy_peer() -> None:
     assert set(report["machine"]) >= MACHINE_KEYS
     assert report["benchmark"] == "send" and report["sessions"] == 2
     assert report["sfu_reads"] == "timer"
+    assert report["cordvoice"]["emulator"]["sfu_reads_on_timer"] == (sys.platform == "linux")
     for key in ("cpu_us_per_packet", "lateness_ms", "packets_lost", "setup_s", "placement"):
         assert key in report
     check_sender(report["cordvoice"], 2)
@@ -73,6 +75,7 @@ def test_bench_send_without_dave_through_write() -> None:
         sessions=2, seconds=1.0, warmup=0.5, dave=False, mode="aes", feed="write", sfu_reads="wakeup"
     )
     assert report["sfu_reads"] == "wakeup"
+    assert report["cordvoice"]["emulator"]["sfu_reads_on_timer"] is False
     result = report["cordvoice"]
     check_sender(result, 2)
     assert result["setup"]["dave_versions"] == [0]

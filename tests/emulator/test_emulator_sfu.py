@@ -261,7 +261,9 @@ async def test_timer_reads_forward_everything_and_refuse_bad_intervals(world: Vo
         with pytest.raises(InvalidArgumentError):
             media.read_every(bad)
     alice, bob = await stage_pair(world)
+    assert not media.reads_on_timer
     media.read_every(0.5)
+    assert media.reads_on_timer
     with pytest.raises(EmulatorError, match="already reads on a timer"):
         media.read_every(0.5)
     frames = opaque_frames(6, 4)

@@ -220,6 +220,11 @@ class MediaServer:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
 
+    @property
+    def reads_on_timer(self) -> bool:
+        """Whether :meth:`read_every` is in force."""
+        return self._read_timer is not None
+
     def read_every(self, interval: float) -> None:
         """Read the socket every ``interval`` seconds instead of whenever a datagram makes it readable.
 
