@@ -290,11 +290,12 @@ class EmulatorHost:
     async def cmd_counts(self) -> dict[str, Any]:
         """Member health and SFU counters (for sanity checks)."""
         members = [m for ms in self.members.values() for m in ms]
+        media = self.emu.voice_server().media
         return {
             "members": len(members),
             "members_dave_ready": sum(m.dave_ready for m in members),
             "member_failures": sum(m.failures for m in members),
             "members_not_forwarded_to": self.unforwarded,
-            "sfu_counters": dict(self.emu.voice_server().media.counters),
-            "sfu_reads_on_timer": self.emu.voice_server().media.reads_on_timer,
+            "sfu_counters": dict(media.counters),
+            "sfu_reads_on_timer": media.reads_on_timer,
         }

@@ -131,6 +131,11 @@ class CoreShare:
             "steal_ms": (self.steal - earlier.steal) * ms,
         }
 
+    @staticmethod
+    def window(before: CoreShare | None, after: CoreShare | None) -> dict[str, float] | None:
+        """``after.since(before)``, or None when either reading could not be taken."""
+        return after.since(before) if before is not None and after is not None else None
+
 
 def rss_bytes() -> int:
     """Resident set size of this process now (from ``/proc/self/statm``; 0 where that does not exist)."""

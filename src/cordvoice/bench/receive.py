@@ -297,11 +297,7 @@ class ReceiveWorker:
             "gc": gc_watch.report(),
             "clock_stalls": get_clock().stalls - stalls_before,
             # Time the receiver did not get on its core shows as kernel drops when it is near saturation.
-            "measured_core": (
-                share_after.since(share_before)
-                if share_before is not None and share_after is not None
-                else None
-            ),
+            "measured_core": CoreShare.window(share_before, share_after),
         }
 
     async def close(self) -> None:

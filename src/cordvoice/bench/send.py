@@ -191,9 +191,7 @@ def _run_one(
         "arrivals": arrivals,
         "emulator": counts,
         # The arrival window's share of the measured core: time the process did not get shows in the tail.
-        "measured_core": (
-            share_after.since(share_before) if share_before is not None and share_after is not None else None
-        ),
+        "measured_core": CoreShare.window(share_before, share_after),
         "loop": worker.info.get("loop"),
     }
     if profile is not None:
