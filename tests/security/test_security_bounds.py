@@ -16,7 +16,7 @@ from cordvoice.audio.receive_pipeline import ReceivePipeline
 from cordvoice.audio.receiver import Receiver
 from cordvoice.audio.transmit import FrameQueue
 from cordvoice.emulator import Emulator, VoiceServerConfig
-from cordvoice.emulator.main_gateway import GatewaySession
+from cordvoice.emulator.main_gateway_protocol import GatewaySession
 from cordvoice.errors import DaveKeyPendingError
 from cordvoice.udp.connection import MAX_TRACKED_SSRCS, UdpConnection
 from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher

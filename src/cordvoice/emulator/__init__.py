@@ -23,14 +23,14 @@ if TYPE_CHECKING:
     from cordvoice.emulator.faults import Faults, Impairment, ImpairmentConfig
     from cordvoice.emulator.fixture import DiscordEmulator
     from cordvoice.emulator.inspection import ClientInspection, RtpStats, RtpSummary, SpeakingEvent
-    from cordvoice.emulator.main_gateway import (
+    from cordvoice.emulator.main_gateway_protocol import (
         GatewayCloseCode,
         GatewayConnection,
         GatewaySession,
-        MainGateway,
         MainGatewayStats,
         VoiceStateHook,
     )
+    from cordvoice.emulator.main_gateway_server import MainGateway
     from cordvoice.emulator.participant import Participant, ParticipantStats, ReceivedFrame
     from cordvoice.emulator.server import Emulator, VoiceServerFactory, VoiceServerHandle
     from cordvoice.emulator.sfu import MediaEndpoint, MediaServer
@@ -62,14 +62,14 @@ _EXPORTS: dict[str, str] = {
     "Emulator": "cordvoice.emulator.server",
     "EmulatorState": "cordvoice.emulator.state",
     "Faults": "cordvoice.emulator.faults",
-    "GatewayCloseCode": "cordvoice.emulator.main_gateway",
-    "GatewayConnection": "cordvoice.emulator.main_gateway",
-    "GatewaySession": "cordvoice.emulator.main_gateway",
+    "GatewayCloseCode": "cordvoice.emulator.main_gateway_protocol",
+    "GatewayConnection": "cordvoice.emulator.main_gateway_protocol",
+    "GatewaySession": "cordvoice.emulator.main_gateway_protocol",
     "Guild": "cordvoice.emulator.state",
     "Impairment": "cordvoice.emulator.faults",
     "ImpairmentConfig": "cordvoice.emulator.faults",
-    "MainGateway": "cordvoice.emulator.main_gateway",
-    "MainGatewayStats": "cordvoice.emulator.main_gateway",
+    "MainGateway": "cordvoice.emulator.main_gateway_server",
+    "MainGatewayStats": "cordvoice.emulator.main_gateway_protocol",
     "MediaEndpoint": "cordvoice.emulator.sfu",
     "MediaServer": "cordvoice.emulator.sfu",
     "Participant": "cordvoice.emulator.participant",
@@ -89,7 +89,7 @@ _EXPORTS: dict[str, str] = {
     "VoiceSession": "cordvoice.emulator.state",
     "VoiceState": "cordvoice.emulator.state",
     "VoiceStateChange": "cordvoice.emulator.state",
-    "VoiceStateHook": "cordvoice.emulator.main_gateway",
+    "VoiceStateHook": "cordvoice.emulator.main_gateway_protocol",
 }
 
 __all__ = [

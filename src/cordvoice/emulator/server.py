@@ -49,7 +49,8 @@ from websockets.http11 import Request, Response
 from cordvoice.emulator.control import CONTROL_PREFIX, ControlApi
 from cordvoice.emulator.faults import Faults
 from cordvoice.emulator.inspection import ClientInspection
-from cordvoice.emulator.main_gateway import GatewayConnection, MainGateway, VoiceStateHook
+from cordvoice.emulator.main_gateway_protocol import GatewayConnection, VoiceStateHook
+from cordvoice.emulator.main_gateway_server import MainGateway
 from cordvoice.emulator.participant import Participant
 from cordvoice.emulator.rest import RestApi, RestResponse
 from cordvoice.emulator.state import (
