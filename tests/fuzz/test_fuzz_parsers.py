@@ -26,7 +26,7 @@ from cordvoice.emulator import mls
 from cordvoice.emulator.dave_ds import DaveDeliveryService
 from cordvoice.errors import AudioError, DaveDecryptError, ProtocolError
 from cordvoice.gateway import events as gateway_events
-from cordvoice.gateway.client import GatewayProtocol
+from cordvoice.gateway.protocol import GatewayProtocol
 from cordvoice.udp import discovery, rtp
 from cordvoice.voicegateway import messages as m
 from cordvoice.voicegateway.protocol import Credentials, VoiceGatewayProtocol

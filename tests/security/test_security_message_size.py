@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cordvoice.emulator import Emulator
 from cordvoice.gateway import client as gateway_client
+from cordvoice.gateway import protocol as gateway_protocol
 from cordvoice.gateway.client import Client
 from cordvoice.voicegateway.connection import MAX_MESSAGE_SIZE, VoiceGatewayConnection
 
@@ -30,7 +31,7 @@ MIB = 1 << 20
 
 def test_the_limits_are_what_the_docs_say() -> None:
     assert MAX_MESSAGE_SIZE == MIB
-    assert gateway_client._MAX_MESSAGE == 64 * MIB
+    assert gateway_protocol.MAX_MESSAGE_SIZE == gateway_client.MAX_MESSAGE_SIZE == 64 * MIB
 
 
 async def test_client_voice_gateway_refuses_oversized_frames() -> None:
@@ -56,11 +57,17 @@ async def test_client_voice_gateway_refuses_oversized_frames() -> None:
     assert closes == [1009]
 
 
+def _shrink_main_gateway_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same code paths with a 256 KiB bound: the WebSocket's (shell) and the zlib stream's (core)."""
+    monkeypatch.setattr(gateway_client, "MAX_MESSAGE_SIZE", 256 * 1024)
+    monkeypatch.setattr(gateway_protocol, "MAX_MESSAGE_SIZE", 256 * 1024)
+
+
 async def _main_gateway_close_codes(
     monkeypatch: pytest.MonkeyPatch, *, compress: bool, payload: dict[str, Any]
 ) -> list[int | None]:
     """A scripted main gateway: Hello, READY, then ``payload``; returns the close codes the client sent."""
-    monkeypatch.setattr(gateway_client, "_MAX_MESSAGE", 256 * 1024)  # the same code path, a smaller bound
+    _shrink_main_gateway_limit(monkeypatch)
     closes: list[int | None] = []
 
     async def handler(ws: ServerConnection) -> None:
@@ -128,9 +135,9 @@ def test_inflating_is_bounded_in_memory(monkeypatch: pytest.MonkeyPatch) -> None
     import tracemalloc  # noqa: PLC0415
 
     from cordvoice.errors import ProtocolError  # noqa: PLC0415
-    from cordvoice.gateway.client import GatewayProtocol  # noqa: PLC0415
+    from cordvoice.gateway.protocol import GatewayProtocol  # noqa: PLC0415
 
-    monkeypatch.setattr(gateway_client, "_MAX_MESSAGE", 256 * 1024)
+    _shrink_main_gateway_limit(monkeypatch)
     deflate = zlib.compressobj()
     bomb = deflate.compress(b'{"op":0,"d":"' + b" " * (32 * MIB) + b'"}') + deflate.flush(zlib.Z_SYNC_FLUSH)
     protocol = GatewayProtocol("token", 0, compress=True)
@@ -149,9 +156,9 @@ def test_inflating_is_bounded_in_memory(monkeypatch: pytest.MonkeyPatch) -> None
 def test_an_unterminated_zlib_message_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Frames that never end the zlib-stream message (no ``00 00 ff ff``) cannot pile up past the limit."""
     from cordvoice.errors import ProtocolError  # noqa: PLC0415
-    from cordvoice.gateway.client import GatewayProtocol  # noqa: PLC0415
+    from cordvoice.gateway.protocol import GatewayProtocol  # noqa: PLC0415
 
-    monkeypatch.setattr(gateway_client, "_MAX_MESSAGE", 256 * 1024)
+    _shrink_main_gateway_limit(monkeypatch)
     protocol = GatewayProtocol("token", 0, compress=True)
     protocol.connection_started()
     fragment = bytes(range(256)) * 64  # 16 KiB, never the zlib-stream suffix

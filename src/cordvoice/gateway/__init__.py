@@ -4,6 +4,7 @@
 * :mod:`cordvoice.gateway.adapter`: :class:`VoiceAdapter` and :class:`VoiceEventListener`, the seam between
   cordvoice's ``Voice`` and whatever holds the bot's gateway connection;
 * :mod:`cordvoice.gateway.client`: :class:`Client`, a standalone main-gateway client implementing the adapter.
+  Its sans-IO core is :class:`~cordvoice.gateway.protocol.GatewayProtocol`.
 """
 
 from __future__ import annotations
