@@ -15,13 +15,11 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
+from cordvoice.audio.closeable import Closeable
 from cordvoice.audio.pcm import BytesLike
 from cordvoice.errors import AudioError, InvalidArgumentError
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 __all__ = ["MAX_METADATA_BYTES", "DCAReader", "DCAWriter", "encode_dca", "iter_dca"]
 
@@ -45,7 +43,7 @@ def _open(source: str | os.PathLike[str] | IO[bytes] | BytesLike) -> tuple[IO[by
     return source, False
 
 
-class DCAReader:
+class DCAReader(Closeable):
     """Read Opus frames from a DCA0 or DCA1 file, file-like object or bytes.
 
     The header is checked on construction, so :attr:`metadata` (the DCA1 JSON, ``None`` for DCA0) is
@@ -135,14 +133,6 @@ class DCAReader:
             if self._owns_file:
                 self._file.close()
 
-    def __enter__(self) -> DCAReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 def iter_dca(source: str | os.PathLike[str] | IO[bytes] | BytesLike) -> Iterator[bytes]:
     """Yield the Opus frames of a DCA file; the file is closed when the generator ends or is closed."""
@@ -150,7 +140,7 @@ def iter_dca(source: str | os.PathLike[str] | IO[bytes] | BytesLike) -> Iterator
         yield from reader
 
 
-class DCAWriter:
+class DCAWriter(Closeable):
     """Write Opus frames as DCA0, or DCA1 when ``metadata`` is given.
 
     A path is opened and closed by the writer; a file object passed in is flushed but left open.
@@ -209,14 +199,6 @@ class DCAWriter:
         finally:
             if self._owns_file:
                 self._file.close()
-
-    def __enter__(self) -> DCAWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def encode_dca(frames: Iterable[BytesLike], *, metadata: Mapping[str, Any] | None = None) -> bytes:

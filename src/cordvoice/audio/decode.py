@@ -15,15 +15,13 @@ import os
 import threading
 from collections.abc import Generator, Iterator
 from fractions import Fraction
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 import av
 
+from cordvoice.audio.closeable import Closeable
 from cordvoice.audio.pcm import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, FrameChunker
 from cordvoice.errors import AudioError, InvalidArgumentError
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 __all__ = ["PCMDecoder", "iter_pcm_frames"]
 
@@ -39,7 +37,7 @@ def _describe(source: Source) -> str:
     return f"<{type(source).__name__}>"
 
 
-class PCMDecoder:
+class PCMDecoder(Closeable):
     """Decode the first audio stream of a file, file-like object or URL to 20 ms PCM frames.
 
     ``options`` are FFmpeg format options (e.g. ``{"reconnect": "1"}`` for HTTP); ``timeout`` bounds
@@ -213,18 +211,6 @@ class PCMDecoder:
                 self._frames.close()
             finally:
                 self._container.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> PCMDecoder:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def iter_pcm_frames(source: Source, *, start: float = 0.0, **options: Any) -> Iterator[bytes]:

@@ -16,16 +16,14 @@ import os
 import threading
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import av
 
+from cordvoice.audio.closeable import Closeable
 from cordvoice.audio.opus import packet_samples
 from cordvoice.audio.pcm import FRAME_SAMPLES, SAMPLE_RATE
 from cordvoice.errors import AudioError, InvalidArgumentError
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 __all__ = ["OpusDemuxer", "OpusPacket", "iter_opus_packets"]
 
@@ -57,7 +55,7 @@ def _describe(source: Source) -> str:
     return f"<{type(source).__name__}>"
 
 
-class OpusDemuxer:
+class OpusDemuxer(Closeable):
     """An open Ogg/WebM/Matroska file whose first audio stream is Opus.
 
     Raises :class:`AudioError` when the file cannot be opened, has no Opus audio stream, has more than two
@@ -201,18 +199,6 @@ class OpusDemuxer:
             if not self._closed:
                 self._closed = True
                 self._container.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> OpusDemuxer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def iter_opus_packets(

@@ -27,13 +27,11 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, cast
+from typing import Any, ClassVar, Final, Literal, TypeAlias, cast
 
+from cordvoice.audio.closeable import Closeable
 from cordvoice.audio.pcm import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE, SAMPLE_WIDTH, BytesLike
 from cordvoice.errors import AudioError, InvalidArgumentError
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 __all__ = [
     "MAX_FRAME_SAMPLES",
@@ -248,6 +246,57 @@ def _as_pcm_bytes(pcm: BytesLike | Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------
+# What the encoder and decoder share
+
+
+class _OpusCodec(Closeable):
+    """A libopus state (or the PyAV fallback) behind a lock, freed exactly once.
+
+    The subclass sets ``_state`` and ``_finalizer`` when it creates its native state, keeps its own PyAV
+    fallback in ``_pyav`` and lets go of it in :meth:`_close_fallback`.
+    """
+
+    _kind: ClassVar[str]
+    """``"encoder"`` or ``"decoder"``, for error messages."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        self._lib = _pick_backend(backend)
+        self._state: int | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def backend(self) -> Literal["libopus", "pyav"]:
+        """Which implementation runs: the ctypes binding or the PyAV fallback."""
+        return "libopus" if self._lib is not None else "pyav"
+
+    def _reset_native(self, ctl: Callable[..., int]) -> None:
+        """Send OPUS_RESET_STATE through ``ctl`` (the encoder's or the decoder's CTL); call under the lock."""
+        assert self._lib is not None and self._state is not None
+        result = ctl(ctypes.c_void_p(self._state), ctypes.c_int(_RESET_STATE))
+        if result != _OPUS_OK:
+            raise AudioError(f"OPUS_RESET_STATE failed: {self._lib.strerror(result)}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AudioError(f"the Opus {self._kind} is closed")
+
+    def close(self) -> None:
+        """Free the native state; idempotent and safe while another thread is encoding or decoding."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._finalizer is not None:
+                self._finalizer()
+            self._close_fallback()
+
+    def _close_fallback(self) -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
 # Encoder
 
 
@@ -265,7 +314,7 @@ def _encoder_input(pcm: BytesLike) -> tuple[bytes, int]:
     return data, samples
 
 
-class OpusEncoder:
+class OpusEncoder(_OpusCodec):
     """Encode 48 kHz stereo s16 PCM frames to Opus packets.
 
     ``bitrate`` is in bits per second (64 kbit/s is a normal Discord channel's bitrate). Constrained VBR
@@ -275,6 +324,8 @@ class OpusEncoder:
     and it is expensive: about 450 µs per frame at 64 kbit/s against 150 µs without it. The ``signal``
     hint is ignored by the PyAV fallback.
     """
+
+    _kind = "encoder"
 
     def __init__(
         self,
@@ -305,11 +356,7 @@ class OpusEncoder:
         self._expected_loss = expected_loss
         self._vbr: Vbr = vbr
         self._signal: Signal = signal
-        self._lock = threading.Lock()
-        self._closed = False
-        self._lib = _pick_backend(backend)
-        self._state: int | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        super().__init__(backend)
         self._pyav: _PyAVEncoder | None = None
         if self._lib is not None:
             self._open_libopus(self._lib)
@@ -352,11 +399,6 @@ class OpusEncoder:
             "expected_loss": self._expected_loss,
             "vbr": self._vbr,
         }
-
-    @property
-    def backend(self) -> Literal["libopus", "pyav"]:
-        """Which implementation encodes: the ctypes binding or the PyAV fallback."""
-        return "libopus" if self._lib is not None else "pyav"
 
     @property
     def bitrate(self) -> int:
@@ -442,51 +484,27 @@ class OpusEncoder:
         if self._lib is not None:
             self._ctl(request, value)
         else:
-            # FFmpeg reads these options only when the codec opens, so start a fresh context.
-            assert self._pyav is not None
-            self._pyav.close()
-            self._pyav = _PyAVEncoder(self._settings())
+            self._reopen_pyav()
 
     def reset(self) -> None:
         """Forget the signal history (e.g. when a new track starts), keeping the settings."""
         with self._lock:
             self._check_open()
             if self._lib is not None:
-                assert self._state is not None
-                result = self._lib.encoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(_RESET_STATE))
-                if result != _OPUS_OK:
-                    raise AudioError(f"OPUS_RESET_STATE failed: {self._lib.strerror(result)}")
+                self._reset_native(self._lib.encoder_ctl)
             else:
-                assert self._pyav is not None
-                self._pyav.close()
-                self._pyav = _PyAVEncoder(self._settings())
+                self._reopen_pyav()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise AudioError("the Opus encoder is closed")
+    def _reopen_pyav(self) -> None:
+        """Replace the PyAV context: FFmpeg reads its options only when a codec opens, and a new one has no
+        signal history."""
+        assert self._pyav is not None
+        self._pyav.close()
+        self._pyav = _PyAVEncoder(self._settings())
 
-    def close(self) -> None:
-        """Free the native encoder; idempotent and safe while another thread is encoding."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._finalizer is not None:
-                self._finalizer()
-            if self._pyav is not None:
-                self._pyav.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> OpusEncoder:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _close_fallback(self) -> None:
+        if self._pyav is not None:
+            self._pyav.close()
 
     def __repr__(self) -> str:
         return (
@@ -559,7 +577,7 @@ class _PyAVEncoder:
 # Decoder
 
 
-class OpusDecoder:
+class OpusDecoder(_OpusCodec):
     """Decode Opus packets to 48 kHz stereo s16 PCM; conceal lost packets; recover them from FEC.
 
     For a lost packet, call :meth:`decode_fec` with the packet that followed it when that packet is at hand
@@ -567,12 +585,10 @@ class OpusDecoder:
     packet normally. Mono packets are up-mixed, so output is always stereo.
     """
 
+    _kind = "decoder"
+
     def __init__(self, *, backend: Backend = "auto") -> None:
-        self._lock = threading.Lock()
-        self._closed = False
-        self._lib = _pick_backend(backend)
-        self._state: int | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        super().__init__(backend)
         self._pyav: _PyAVDecoder | None = None
         self._last_samples = FRAME_SAMPLES
         if self._lib is not None:
@@ -585,10 +601,6 @@ class OpusDecoder:
             self._finalizer = weakref.finalize(self, self._lib.decoder_destroy, state)
         else:
             self._pyav = _PyAVDecoder()
-
-    @property
-    def backend(self) -> Literal["libopus", "pyav"]:
-        return "libopus" if self._lib is not None else "pyav"
 
     @property
     def has_plc(self) -> bool:
@@ -655,39 +667,13 @@ class OpusDecoder:
         with self._lock:
             self._check_open()
             if self._lib is not None:
-                assert self._state is not None
-                result = self._lib.decoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(_RESET_STATE))
-                if result != _OPUS_OK:
-                    raise AudioError(f"OPUS_RESET_STATE failed: {self._lib.strerror(result)}")
+                self._reset_native(self._lib.decoder_ctl)
             else:
                 assert self._pyav is not None
                 self._pyav = _PyAVDecoder()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise AudioError("the Opus decoder is closed")
-
-    def close(self) -> None:
-        """Free the native decoder; idempotent and safe while another thread is decoding."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._finalizer is not None:
-                self._finalizer()
-            self._pyav = None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> OpusDecoder:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _close_fallback(self) -> None:
+        self._pyav = None
 
     def __repr__(self) -> str:
         return f"<OpusDecoder {self.backend} plc={self.has_plc} fec={self.has_fec}>"
