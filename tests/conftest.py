@@ -1,17 +1,24 @@
-"""Project-wide test setup: hypothesis profiles and the shared transport known-answer vectors."""
+"""Project-wide test setup: hypothesis profiles, the shared transport vectors, manual-only tests, the
+emulator in a child process, and a discord.py bot logged in to an emulator."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    import discord
+
+    from cordvoice.emulator import Emulator
 
 # No per-example deadline: CI machines are shared and a slow example is not a failure. The "ci" profile
 # (CI=true) derandomizes so a red build reproduces locally with CI=true.
@@ -94,3 +101,39 @@ async def emulator_process() -> AsyncIterator[EmulatorProcess]:
             process.terminate()
         async with asyncio.timeout(20):
             await process.wait()
+
+
+# ---- a discord.py bot against the emulator -------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _running_discordpy_bot(
+    emu: Emulator, token: str, **client_kwargs: Any
+) -> AsyncIterator[discord.Client]:
+    import discord  # noqa: PLC0415 - only the discord.py tests pay for importing it
+
+    from cordvoice.emulator.for_discordpy import discordpy_pointed_at  # noqa: PLC0415
+
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.voice_states = True
+    client = discord.Client(intents=intents, guild_ready_timeout=0.1, **client_kwargs)
+    with discordpy_pointed_at(emu):
+        await client.login(token)
+        runner = asyncio.create_task(client.connect(reconnect=False))
+        try:
+            async with asyncio.timeout(10):
+                await client.wait_until_ready()
+            yield client
+        finally:
+            await client.close()
+            async with asyncio.timeout(10):
+                await runner
+
+
+@pytest.fixture
+def discordpy_bot() -> Callable[..., contextlib.AbstractAsyncContextManager[discord.Client]]:
+    """``async with discordpy_bot(emu, token, **client_kwargs) as client``: a discord.py 2.x bot (guilds
+    and voice-state intents) logged in to ``emu`` and ready, closed when the block ends.
+
+    ``client_kwargs`` go to ``discord.Client``; pass ``connector=discordpy_connector(emu)`` for TLS.
+    """
+    return _running_discordpy_bot

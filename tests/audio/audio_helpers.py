@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from typing import NamedTuple
 
-import av
 import numpy as np
 import numpy.typing as npt
+
+from cordvoice.bench.encode import encode_container
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -58,25 +58,14 @@ def write_container(
     options: dict[str, str] | None = None,
     bit_rate: int | None = None,
 ) -> bytes:
-    """Encode 48 kHz stereo s16 PCM into a container with PyAV (test fixtures: Ogg, WebM, MP3, WAV)."""
-    buffer = io.BytesIO()
-    samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
-    with av.open(buffer, "w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.layout = layout
-        stream.codec_context.format = sample_format
-        if bit_rate:
-            stream.bit_rate = bit_rate
-        if options:
-            stream.codec_context.options = options
-        resampler = av.AudioResampler(format=sample_format, layout=layout, rate=rate)
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="stereo")
-        frame.sample_rate = 48_000
-        frame.pts = 0
-        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-            chunk.pts = None
-            for packet in stream.encode(chunk):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
+    """Encode 48 kHz stereo s16 PCM into a container (test fixtures: Ogg, WebM, MP3, WAV), s16 unless told."""
+    return encode_container(
+        pcm,
+        container_format,
+        codec,
+        rate=rate,
+        layout=layout,
+        sample_format=sample_format,
+        bit_rate=bit_rate,
+        options=options,
+    )

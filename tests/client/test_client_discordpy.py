@@ -9,64 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable
 
-import aiohttp
 import discord
-import discord.gateway
-import discord.http
 import pytest
-import yarl
 
 import cordvoice.discordpy
 from cordvoice import DisconnectedEvent, SessionState, Voice
 from cordvoice.emulator import Emulator
+from cordvoice.emulator.for_discordpy import discordpy_connector
 from cordvoice.udp.rtp import OPUS_SILENCE
 
 from .conftest import LoopErrors, opus_frames, wait_until
 
-
-@contextlib.contextmanager
-def discordpy_pointed_at(emu: Emulator) -> Iterator[None]:
-    old_base = discord.http.Route.BASE
-    old_gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    discord.http.Route.BASE = emu.api_base
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
-    try:
-        yield
-    finally:
-        discord.http.Route.BASE = old_base
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
-
-
-@contextlib.asynccontextmanager
-async def discordpy_bot(emu: Emulator, token: str) -> AsyncIterator[discord.Client]:
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.voice_states = True
-    connector = aiohttp.TCPConnector(ssl=emu.client_ssl_context())
-    client = discord.Client(intents=intents, guild_ready_timeout=0.1, connector=connector)
-    with discordpy_pointed_at(emu):
-        await client.login(token)
-        runner = asyncio.create_task(client.connect(reconnect=False))
-        try:
-            async with asyncio.timeout(10):
-                await client.wait_until_ready()
-            yield client
-        finally:
-            await client.close()
-            async with asyncio.timeout(10):
-                await runner
+DiscordpyBot = Callable[..., contextlib.AbstractAsyncContextManager[discord.Client]]
+"""The ``discordpy_bot`` fixture (tests/conftest.py)."""
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
-async def test_client_discordpy_bot_joins_and_plays(loop_errors: LoopErrors, tls: bool) -> None:
+async def test_client_discordpy_bot_joins_and_plays(
+    loop_errors: LoopErrors, tls: bool, discordpy_bot: DiscordpyBot
+) -> None:
     async with Emulator(tls=tls, rate_limit=None) as emu:
         bot = emu.create_bot("discordpy-bot")
         guild_info = emu.create_guild("dpy guild", members=[bot.user_id])
         channel_info = emu.create_voice_channel(guild_info.id, "Music")
         listener = await emu.add_participant(channel_info.id, name="listener")
-        async with discordpy_bot(emu, bot.token) as client:
+        async with discordpy_bot(emu, bot.token, connector=discordpy_connector(emu)) as client:
             voice = Voice.from_discordpy(client, ssl=emu.client_ssl_context() if tls else False)
             assert Voice.from_discordpy(client) is voice, "one Voice per discord.Client"
             guild = client.get_guild(guild_info.id)

@@ -16,6 +16,7 @@ from typing import Any
 
 import davey
 
+from cordvoice.bench.dave_group import client_call, to_delivery_service
 from cordvoice.dave import (
     DaveClient,
     EpochChanged,
@@ -24,16 +25,7 @@ from cordvoice.dave import (
     SendKeyPackage,
     SendTransitionReady,
 )
-from cordvoice.emulator.dave_ds import (
-    DaveDeliveryService,
-    SendAnnounceCommit,
-    SendExecuteTransition,
-    SendExternalSender,
-    SendPrepareEpoch,
-    SendPrepareTransition,
-    SendProposals,
-    SendWelcome,
-)
+from cordvoice.emulator.dave_ds import DaveDeliveryService
 
 CHANNEL_ID = 1_180_000_000_000_000_042
 
@@ -206,17 +198,6 @@ class Member:
     corrupt_next: set[str] = field(default_factory=set)
 
 
-_DS_TO_CLIENT = {
-    SendExternalSender: ("on_external_sender", ("data",)),
-    SendProposals: ("on_proposals", ("op_type", "proposals")),
-    SendAnnounceCommit: ("on_announce_commit", ("transition_id", "commit")),
-    SendWelcome: ("on_welcome", ("transition_id", "welcome")),
-    SendPrepareTransition: ("on_prepare_transition", ("transition_id", "protocol_version")),
-    SendExecuteTransition: ("on_execute_transition", ("transition_id",)),
-    SendPrepareEpoch: ("on_prepare_epoch", ("epoch", "protocol_version")),
-}
-
-
 class Harness:
     """N clients, one delivery service, a seeded scheduler."""
 
@@ -263,8 +244,7 @@ class Harness:
         for user_id, action in outputs:
             member = self.members.get(user_id)
             assert member is not None, f"DS addressed {action!r} to a departed member {user_id}"
-            method, fields = _DS_TO_CLIENT[type(action)]
-            member.inbox.append((method, tuple(getattr(action, f) for f in fields)))
+            member.inbox.append(client_call(action))
 
     def _deliver_to_client(self, member: Member) -> None:
         method, args = member.inbox.popleft()
@@ -288,21 +268,11 @@ class Harness:
 
     def _deliver_to_server(self, member: Member) -> None:
         action = member.outbox.popleft()
-        uid = member.user_id
-        if isinstance(action, SendKeyPackage):
-            out = self.ds.key_package_received(uid, action.data, now=self.now)
-        elif isinstance(action, SendCommitWelcome):
-            out = self.ds.commit_welcome_received(uid, action.data, now=self.now)
-        elif isinstance(action, SendTransitionReady):
-            if self.rng.random() < self.op23_drop_rate:
-                return  # a slow client: the DS has to time the transition out
-            out = self.ds.transition_ready(uid, action.transition_id, now=self.now)
-        elif isinstance(action, SendInvalidCommitWelcome):
+        if isinstance(action, SendTransitionReady) and self.rng.random() < self.op23_drop_rate:
+            return  # a slow client: the DS has to time the transition out
+        if isinstance(action, SendInvalidCommitWelcome):
             member.op31_sent += 1
-            out = self.ds.invalid_commit_welcome(uid, action.transition_id, now=self.now)
-        else:  # pragma: no cover
-            raise AssertionError(action)
-        self._route(out)
+        self._route(to_delivery_service(self.ds, member.user_id, action, now=self.now))
 
     def step(self) -> bool:
         """Deliver one message (or fire a timeout). False when nothing is left to do."""

@@ -23,16 +23,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 import discord
 import pytest
 
 from cordvoice.emulator import Emulator
-from cordvoice.emulator.for_discordpy import discordpy_connector, discordpy_pointed_at
+from cordvoice.emulator.for_discordpy import discordpy_connector
 from cordvoice.udp.rtp import OPUS_SILENCE
 
-from .emulator_helpers import VoiceWorld, build_voice_world
+from .emulator_helpers import build_voice_world
+
+DiscordpyBot = Callable[..., contextlib.AbstractAsyncContextManager[discord.Client]]
+"""The ``discordpy_bot`` fixture (tests/conftest.py)."""
 
 TIMEOUT = 2.5  # discord.py's connect timeout here; its default is 30 s
 
@@ -51,30 +54,9 @@ class CountingSource(discord.AudioSource):
         return True
 
 
-@contextlib.asynccontextmanager
-async def discordpy_bot(world: VoiceWorld) -> AsyncIterator[discord.Client]:
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.voice_states = True
-    client = discord.Client(
-        intents=intents, guild_ready_timeout=0.1, connector=discordpy_connector(world.emu)
-    )
-    with discordpy_pointed_at(world.emu):
-        await client.login(world.bot.token)
-        runner = asyncio.create_task(client.connect(reconnect=False))
-        try:
-            async with asyncio.timeout(10):
-                await client.wait_until_ready()
-            yield client
-        finally:
-            await client.close()
-            async with asyncio.timeout(10):
-                await runner
-
-
 @pytest.mark.parametrize("server_update_first", [True, False], ids=["server-update-first", "state-first"])
 async def test_discordpy_after_4015_resumes_on_the_wire_then_gives_up(
-    server_update_first: bool, caplog: pytest.LogCaptureFixture
+    server_update_first: bool, caplog: pytest.LogCaptureFixture, discordpy_bot: DiscordpyBot
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="discord.gateway")
     caplog.set_level(logging.DEBUG, logger="discord.voice_state")
@@ -82,7 +64,7 @@ async def test_discordpy_after_4015_resumes_on_the_wire_then_gives_up(
         world = build_voice_world(emu)
         bot_id = world.bot.user_id
         listener = await emu.add_participant(world.channel.id, name="listener")
-        async with discordpy_bot(world) as client:
+        async with discordpy_bot(emu, world.bot.token, connector=discordpy_connector(emu)) as client:
             channel = client.get_channel(world.channel.id)
             assert isinstance(channel, discord.VoiceChannel)
             voice = await channel.connect(timeout=TIMEOUT)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 
 import discord
@@ -19,11 +19,14 @@ import discord
 from cordvoice.audio.demux import iter_opus_packets
 from cordvoice.audio.samples import write_demo_ogg
 from cordvoice.emulator import Emulator
-from cordvoice.emulator.for_discordpy import discordpy_connector, discordpy_pointed_at
+from cordvoice.emulator.for_discordpy import discordpy_connector
 from cordvoice.udp.crypto import MODE_XCHACHA20_POLY1305
 from cordvoice.udp.rtp import OPUS_SILENCE
 
-from .emulator_helpers import VoiceWorld, build_voice_world
+from .emulator_helpers import build_voice_world
+
+DiscordpyBot = Callable[..., contextlib.AbstractAsyncContextManager[discord.Client]]
+"""The ``discordpy_bot`` fixture (tests/conftest.py)."""
 
 
 class OpusPackets(discord.AudioSource):
@@ -39,27 +42,9 @@ class OpusPackets(discord.AudioSource):
         return True
 
 
-@contextlib.asynccontextmanager
-async def discordpy_bot(world: VoiceWorld) -> AsyncIterator[discord.Client]:
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.voice_states = True
-    connector = discordpy_connector(world.emu)
-    client = discord.Client(intents=intents, guild_ready_timeout=0.1, connector=connector)
-    with discordpy_pointed_at(world.emu):
-        await client.login(world.bot.token)
-        runner = asyncio.create_task(client.connect(reconnect=False))
-        try:
-            async with asyncio.timeout(10):
-                await client.wait_until_ready()
-            yield client
-        finally:
-            await client.close()
-            async with asyncio.timeout(10):
-                await runner
-
-
-async def test_discordpy_plays_an_ogg_file_that_a_participant_hears_dave_decrypted(tmp_path: Path) -> None:
+async def test_discordpy_plays_an_ogg_file_that_a_participant_hears_dave_decrypted(
+    tmp_path: Path, discordpy_bot: DiscordpyBot
+) -> None:
     ogg = tmp_path / "clip.opus"
     await asyncio.to_thread(write_demo_ogg, ogg, 2.0)
     packets = [packet.data for packet in iter_opus_packets(ogg)]
@@ -68,7 +53,7 @@ async def test_discordpy_plays_an_ogg_file_that_a_participant_hears_dave_decrypt
     async with Emulator(tls=True) as emu:
         world = build_voice_world(emu)
         listener = await emu.add_participant(world.channel.id, name="listener")
-        async with discordpy_bot(world) as client:
+        async with discordpy_bot(emu, world.bot.token, connector=discordpy_connector(emu)) as client:
             channel = client.get_channel(world.channel.id)
             assert isinstance(channel, discord.VoiceChannel)
             voice = await channel.connect(timeout=10)

@@ -26,25 +26,9 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cordvoice.dave import (
-    STALL_TIMEOUT_S,
-    DaveClient,
-    EpochChanged,
-    SendCommitWelcome,
-    SendInvalidCommitWelcome,
-    SendKeyPackage,
-    SendTransitionReady,
-)
-from cordvoice.emulator.dave_ds import (
-    DaveDeliveryService,
-    SendAnnounceCommit,
-    SendExecuteTransition,
-    SendExternalSender,
-    SendPrepareEpoch,
-    SendPrepareTransition,
-    SendProposals,
-    SendWelcome,
-)
+from cordvoice.bench.dave_group import client_call, to_delivery_service
+from cordvoice.dave import STALL_TIMEOUT_S, DaveClient, EpochChanged, SendTransitionReady
+from cordvoice.emulator.dave_ds import DaveDeliveryService
 
 from .fuzz_support import CHANNEL_ID, EXAMPLES, STEPS, budget
 
@@ -53,15 +37,6 @@ TRANSITION_TIMEOUT = 1.5
 SETTLE_LIMIT = 5_000
 MACHINE = "DAVE client + delivery service"
 
-_TO_CLIENT: dict[type, tuple[str, tuple[str, ...]]] = {
-    SendExternalSender: ("on_external_sender", ("data",)),
-    SendProposals: ("on_proposals", ("op_type", "proposals")),
-    SendAnnounceCommit: ("on_announce_commit", ("transition_id", "commit")),
-    SendWelcome: ("on_welcome", ("transition_id", "welcome")),
-    SendPrepareTransition: ("on_prepare_transition", ("transition_id", "protocol_version")),
-    SendExecuteTransition: ("on_execute_transition", ("transition_id",)),
-    SendPrepareEpoch: ("on_prepare_epoch", ("epoch", "protocol_version")),
-}
 _MEDIA_STATES = ("on_announce_commit", "on_welcome")
 
 
@@ -98,8 +73,7 @@ class DaveCallModel(RuleBasedStateMachine):
         for user_id, action in outputs:
             member = self.members.get(user_id)
             assert member is not None, f"the DS addressed {action!r} to {user_id}, who left"
-            method, fields = _TO_CLIENT[type(action)]
-            member.inbox.append((method, tuple(getattr(action, name) for name in fields)))
+            member.inbox.append(client_call(action))
         self.epochs_seen.add(self.ds.epoch)
 
     def _to_client(self, member: Member, method: str, args: tuple[Any, ...]) -> None:
@@ -117,18 +91,7 @@ class DaveCallModel(RuleBasedStateMachine):
 
     def _to_server(self, member: Member, action: Any) -> None:
         STEPS[MACHINE] += 1
-        uid, now = member.user_id, self.now
-        if isinstance(action, SendKeyPackage):
-            out = self.ds.key_package_received(uid, action.data, now=now)
-        elif isinstance(action, SendCommitWelcome):
-            out = self.ds.commit_welcome_received(uid, action.data, now=now)
-        elif isinstance(action, SendTransitionReady):
-            out = self.ds.transition_ready(uid, action.transition_id, now=now)
-        elif isinstance(action, SendInvalidCommitWelcome):
-            out = self.ds.invalid_commit_welcome(uid, action.transition_id, now=now)
-        else:  # pragma: no cover
-            raise AssertionError(f"unexpected client action {action!r}")
-        self._route(out)
+        self._route(to_delivery_service(self.ds, member.user_id, action, now=self.now))
 
     def _pick(self, index: int, *, inbox: bool = False, outbox: bool = False) -> Member | None:
         candidates = [m for m in self.members.values() if (not inbox or m.inbox) and (not outbox or m.outbox)]

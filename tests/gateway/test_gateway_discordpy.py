@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import Callable
 
 import discord
 import pytest
@@ -22,31 +21,15 @@ from cordvoice.emulator.for_discordpy import discordpy_connector, discordpy_poin
 
 from .conftest import World, build_world
 
-
-@contextlib.asynccontextmanager
-async def running_bot(world: World, **client_kwargs: Any) -> AsyncIterator[discord.Client]:
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.voice_states = True
-    client = discord.Client(intents=intents, guild_ready_timeout=0.1, **client_kwargs)
-    with discordpy_pointed_at(world.emu):
-        await client.login(world.bot.token)
-        runner = asyncio.create_task(client.connect(reconnect=False))
-        try:
-            async with asyncio.timeout(10):
-                await client.wait_until_ready()
-            yield client
-        finally:
-            await client.close()
-            async with asyncio.timeout(10):
-                await runner
+DiscordpyBot = Callable[..., contextlib.AbstractAsyncContextManager[discord.Client]]
+"""The ``discordpy_bot`` fixture (tests/conftest.py)."""
 
 
-async def test_discordpy_logs_in_and_gets_voice_events(world: World) -> None:
+async def test_discordpy_logs_in_and_gets_voice_events(world: World, discordpy_bot: DiscordpyBot) -> None:
     emu = world.emu
     voice_updates: asyncio.Queue[tuple[discord.Member, discord.VoiceState]] = asyncio.Queue()
     resumed = asyncio.Event()
-    async with running_bot(world) as client:
+    async with discordpy_bot(emu, world.bot.token) as client:
 
         @client.event
         async def on_voice_state_update(
@@ -109,10 +92,10 @@ async def test_discordpy_logs_in_and_gets_voice_events(world: World) -> None:
     assert emu.rest.stats.not_found == 0
 
 
-async def test_discordpy_over_tls_trusts_the_emulator_ca() -> None:
+async def test_discordpy_over_tls_trusts_the_emulator_ca(discordpy_bot: DiscordpyBot) -> None:
     async with Emulator(tls=True) as emu:
         world = build_world(emu)
-        async with running_bot(world, connector=discordpy_connector(emu)) as client:
+        async with discordpy_bot(emu, world.bot.token, connector=discordpy_connector(emu)) as client:
             guild = client.get_guild(world.guild.id)
             assert guild is not None and guild.get_channel(world.channel.id) is not None
             assert emu.gateway_url.startswith("wss://")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 
-import av
 import numpy as np
 import numpy.typing as npt
 
@@ -15,39 +13,18 @@ from cordvoice.audio.demux import iter_opus_packets
 from cordvoice.audio.opus import OpusDecoder, OpusEncoder
 from cordvoice.audio.pcm import FRAME_BYTES, SAMPLE_RATE, iter_frames
 from cordvoice.audio.player import Player
+from cordvoice.bench.encode import encode_container
+from cordvoice.bench.encode import write_mp3 as bench_write_mp3
 
 FloatArray = npt.NDArray[np.float64]
 
 
-def write_audio(
-    pcm: bytes, container_format: str, codec: str, *, rate: int = 48_000, bit_rate: int = 0
-) -> bytes:
-    """Encode 48 kHz stereo s16 PCM into a container with PyAV (MP3, WebM Opus, WAV...)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.layout = "stereo"
-        if bit_rate:
-            stream.bit_rate = bit_rate
-        target = stream.codec_context.format.name
-        resampler = av.AudioResampler(format=target, layout="stereo", rate=rate)
-        frame = av.AudioFrame.from_ndarray(
-            np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="stereo"
-        )
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = 0
-        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-            chunk.pts = None
-            for packet in stream.encode(chunk):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
+write_audio = encode_container
+"""Encode 48 kHz stereo s16 PCM into a container with PyAV (MP3, WebM Opus, WAV...), in the codec's format."""
 
 
 def write_mp3(path: Path, pcm: bytes, *, bit_rate: int = 128_000) -> Path:
-    path.write_bytes(write_audio(pcm, "mp3", "libmp3lame", rate=44_100, bit_rate=bit_rate))
-    return path
+    return bench_write_mp3(path, pcm, bit_rate=bit_rate)
 
 
 def opus_packets(path: Path | str) -> list[bytes]:

@@ -6,6 +6,9 @@ with real per-sender keys, for hundreds of senders; forming that group through t
 than everything measured. Members can join in batches: everyone who joins before :meth:`DaveGroup.settle`
 is added by one commit. The receive tests use it too: ``hold`` a member to let it fall behind the group
 like a slow client, ``leave`` to remove one, ``on_epoch`` to watch the epochs each member reports.
+
+:func:`client_call` and :func:`to_delivery_service` are the wiring between the two sans-IO cores, shared
+with the test harnesses that deliver the same messages in other orders.
 """
 
 from __future__ import annotations
@@ -36,27 +39,53 @@ from cordvoice.emulator.dave_ds import (
 )
 from cordvoice.errors import DaveError
 
-__all__ = ["DaveGroup"]
+__all__ = ["DaveGroup", "client_call", "to_delivery_service"]
 
 _CHANNEL_ID = 1_300_000_000_000_000_001
 
 
+_DS_TO_CLIENT: dict[type, tuple[str, tuple[str, ...]]] = {
+    SendExternalSender: ("on_external_sender", ("data",)),
+    SendProposals: ("on_proposals", ("op_type", "proposals")),
+    SendAnnounceCommit: ("on_announce_commit", ("transition_id", "commit")),
+    SendWelcome: ("on_welcome", ("transition_id", "welcome")),
+    SendPrepareTransition: ("on_prepare_transition", ("transition_id", "protocol_version")),
+    SendExecuteTransition: ("on_execute_transition", ("transition_id",)),
+    SendPrepareEpoch: ("on_prepare_epoch", ("epoch", "protocol_version")),
+}
+
+
+def client_call(action: DsAction) -> tuple[str, tuple[Any, ...]]:
+    """A delivery-service message as the :class:`DaveClient` handler that takes it and its arguments.
+
+    A name and a tuple rather than a bound call, so that a harness can queue, corrupt or replay deliveries.
+    """
+    handler = _DS_TO_CLIENT.get(type(action))
+    if handler is None:
+        raise DaveError(f"unexpected delivery-service action {action!r}")
+    method, fields = handler
+    return method, tuple(getattr(action, name) for name in fields)
+
+
+def to_delivery_service(
+    ds: DaveDeliveryService, user_id: int, action: DaveAction, *, now: float
+) -> list[tuple[int, DsAction]]:
+    """Hand a member's message for the server (op 26, 28, 23 or 31) to the delivery service."""
+    if isinstance(action, SendKeyPackage):
+        return ds.key_package_received(user_id, action.data, now=now)
+    if isinstance(action, SendCommitWelcome):
+        return ds.commit_welcome_received(user_id, action.data, now=now)
+    if isinstance(action, SendTransitionReady):
+        return ds.transition_ready(user_id, action.transition_id, now=now)
+    if isinstance(action, SendInvalidCommitWelcome):
+        return ds.invalid_commit_welcome(user_id, action.transition_id, now=now)
+    raise DaveError(f"not a message for the delivery service: {action!r}")
+
+
 def _deliver(client: DaveClient, action: DsAction) -> list[DaveAction]:
-    if isinstance(action, SendExternalSender):
-        return client.on_external_sender(action.data)
-    if isinstance(action, SendProposals):
-        return client.on_proposals(action.op_type, action.proposals)
-    if isinstance(action, SendAnnounceCommit):
-        return client.on_announce_commit(action.transition_id, action.commit)
-    if isinstance(action, SendWelcome):
-        return client.on_welcome(action.transition_id, action.welcome)
-    if isinstance(action, SendPrepareTransition):
-        return client.on_prepare_transition(action.transition_id, action.protocol_version)
-    if isinstance(action, SendExecuteTransition):
-        return client.on_execute_transition(action.transition_id)
-    if isinstance(action, SendPrepareEpoch):
-        return client.on_prepare_epoch(action.epoch, action.protocol_version)
-    raise DaveError(f"unexpected delivery-service action {action!r}")
+    method, args = client_call(action)
+    actions: list[DaveAction] = getattr(client, method)(*args)
+    return actions
 
 
 class DaveGroup:
@@ -142,16 +171,9 @@ class DaveGroup:
                 inbox.append(("ds", action))
 
     def _to_server(self, user_id: int, action: DaveAction) -> None:
-        ds, now = self.ds, self.now
-        if isinstance(action, SendKeyPackage):
-            self._route(ds.key_package_received(user_id, action.data, now=now))
-        elif isinstance(action, SendCommitWelcome):
-            self._route(ds.commit_welcome_received(user_id, action.data, now=now))
-        elif isinstance(action, SendTransitionReady):
-            self._route(ds.transition_ready(user_id, action.transition_id, now=now))
-        elif isinstance(action, SendInvalidCommitWelcome):
-            self._route(ds.invalid_commit_welcome(user_id, action.transition_id, now=now))
-        elif isinstance(action, EpochChanged):
+        if isinstance(action, EpochChanged):
             callback = self.on_epoch.get(user_id)
             if callback is not None:
                 callback(action)
+        else:
+            self._route(to_delivery_service(self.ds, user_id, action, now=self.now))

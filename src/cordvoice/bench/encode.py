@@ -31,25 +31,48 @@ from cordvoice.audio.pcm import FRAME_BYTES, SAMPLE_RATE, iter_frames
 from cordvoice.bench.machine import CpuSnapshot, machine_info, plan_placement
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import SpyRecording, summarize
+from cordvoice.errors import InvalidArgumentError
 
-__all__ = ["EncodeWorker", "run_encode", "write_mp3"]
+__all__ = ["EncodeWorker", "encode_container", "run_encode", "write_mp3"]
 
 logger = logging.getLogger(__name__)
 
 _FRAME_US = 20_000.0
 
 
-def write_mp3(path: Path, pcm: bytes, *, bit_rate: int = 192_000, rate: int = 44_100) -> Path:
-    """Encode 48 kHz stereo s16 PCM to an MP3 file with PyAV's bundled libmp3lame."""
+def encode_container(
+    pcm: bytes,
+    container_format: str,
+    codec: str,
+    *,
+    rate: int = SAMPLE_RATE,
+    layout: str = "stereo",
+    sample_format: str | None = None,
+    bit_rate: int | None = None,
+    options: dict[str, str] | None = None,
+) -> bytes:
+    """Encode 48 kHz stereo s16 PCM into a container in memory with PyAV (MP3, Ogg/WebM Opus, WAV, FLAC...).
+
+    The audio is resampled to ``rate``, ``layout`` and ``sample_format`` (None: the codec's own format);
+    ``options`` are the codec's (e.g. libopus ``frame_duration``). Benchmarks and tests make their input
+    files with it.
+    """
     import av  # noqa: PLC0415 - heavy import, only here
     import numpy as np  # noqa: PLC0415
 
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp3") as container:
-        stream = container.add_stream("libmp3lame", rate=rate)
-        stream.layout = "stereo"
-        stream.bit_rate = bit_rate
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="stereo", rate=rate)
+    with av.open(buffer, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate)
+        if not isinstance(stream, av.AudioStream):
+            raise InvalidArgumentError(f"{codec!r} is not an audio codec")
+        stream.layout = layout
+        if sample_format is not None:
+            stream.codec_context.format = sample_format
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        if options:
+            stream.codec_context.options = options
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=rate)
         frame = av.AudioFrame.from_ndarray(
             np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="stereo"
         )
@@ -61,7 +84,12 @@ def write_mp3(path: Path, pcm: bytes, *, bit_rate: int = 192_000, rate: int = 44
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_mp3(path: Path, pcm: bytes, *, bit_rate: int = 192_000, rate: int = 44_100) -> Path:
+    """Encode 48 kHz stereo s16 PCM to an MP3 file with PyAV's bundled libmp3lame."""
+    path.write_bytes(encode_container(pcm, "mp3", "libmp3lame", rate=rate, bit_rate=bit_rate))
     return path
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import statistics
 import time
 from typing import Any
@@ -24,8 +23,8 @@ from typing import Any
 from cordvoice.bench.frames import LoopingFrames, opus_frames
 from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity
 from cordvoice.bench.process import BenchError, ChildProcess
+from cordvoice.bench.send_cordvoice import world_client
 from cordvoice.events import DaveEpochEvent
-from cordvoice.gateway.client import Client
 from cordvoice.voice import Voice
 
 __all__ = ["JoinWorker", "run_join"]
@@ -37,15 +36,7 @@ class JoinWorker:
     """The bot of ``bench join``: ``cmd_join_once`` joins one channel, streams, and reports its timestamps."""
 
     def __init__(self, *, world: dict[str, Any]) -> None:
-        ca_file = world.get("ca_file")
-        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        self.client = Client(
-            world["token"],
-            gateway_url=world["gateway_url"],
-            api_base=world["api_base"],
-            ssl=self._ssl,
-            send_limit=None,
-        )
+        self.client, self._ssl = world_client(world)
         self.voice: Voice | None = None
 
     async def start(self) -> None:

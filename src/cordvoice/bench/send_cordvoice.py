@@ -28,7 +28,7 @@ from cordvoice.metrics import Histogram
 from cordvoice.session import Session, SessionStats
 from cordvoice.voice import Voice
 
-__all__ = ["CordvoiceSender", "percentiles"]
+__all__ = ["CordvoiceSender", "percentiles", "world_client"]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -41,6 +41,25 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
     return {"p50": round(rank(50), 3), "p95": round(rank(95), 3), "max": round(ordered[-1], 3)}
+
+
+def world_client(world: dict[str, Any], **options: Any) -> tuple[Client, ssl.SSLContext | None]:
+    """The bench bot's gateway client for the emulator host's ``world``, with no send limit (the emulator
+    has none either), and the TLS context that trusts the emulator's CA (None without TLS) for its Voice.
+
+    ``options`` go to :class:`~cordvoice.gateway.client.Client`.
+    """
+    ca_file = world.get("ca_file")
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    client = Client(
+        world["token"],
+        gateway_url=world["gateway_url"],
+        api_base=world["api_base"],
+        ssl=context,
+        send_limit=None,
+        **options,
+    )
+    return client, context
 
 
 class CordvoiceSender:
@@ -61,17 +80,7 @@ class CordvoiceSender:
         self.slot_capacity = slot_capacity
         """Overrides the shared clock's packing (0: spread evenly); None keeps the library's default."""
         self.join_concurrency = join_concurrency
-        ca_file = world.get("ca_file")
-        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        self.client = Client(
-            world["token"],
-            gateway_url=world["gateway_url"],
-            api_base=world["api_base"],
-            ssl=self._ssl,
-            send_limit=None,
-            guild_ready_timeout=10.0,
-            request_timeout=120.0,
-        )
+        self.client, self._ssl = world_client(world, guild_ready_timeout=10.0, request_timeout=120.0)
         self.voice: Voice | None = None
         self.sessions: list[Session] = []
         self.providers: list[LoopingFrames] = []
