@@ -25,25 +25,9 @@ from cordvoice.dave import (
     SendKeyPackage,
     SendTransitionReady,
 )
-from cordvoice.emulator.dave_ds import DaveDeliveryService
+from cordvoice.emulator.dave_ds import MALFORMED_INPUT_REASONS, DaveDeliveryService
 
 CHANNEL_ID = 1_180_000_000_000_000_042
-
-# DS rejections that mean someone sent malformed or rule-breaking data, as opposed to lost races.
-GARBAGE_REASONS = (
-    "key_package_invalid",
-    "key_package_wrong_identity",
-    "key_package_from_group_member",
-    "commit_invalid",
-    "commit_wrong_group",
-    "commit_wrong_sender_leaf",
-    "commit_without_welcome",
-    "welcome_members_mismatch",
-    "welcome_without_adds",
-    "commit_remove_without_path",
-    "commit_changes_credential",
-    "commit_leaf_signature_invalid",
-)
 
 
 class NaiveClient:
@@ -335,7 +319,7 @@ class Harness:
         ds = self.ds
         for member in self.members.values():
             assert not member.crashes, f"{member.user_id} ({member.kind}) crashed: {member.crashes!r}"
-        for reason in GARBAGE_REASONS:
+        for reason in MALFORMED_INPUT_REASONS:
             assert ds.counters[reason] == 0, f"DS dropped {reason}: {ds.counters}"
         assert not ds.open_transitions
         uids = sorted(self.members)

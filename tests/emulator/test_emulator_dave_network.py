@@ -12,27 +12,12 @@ from __future__ import annotations
 import asyncio
 
 from cordvoice.emulator import Emulator, Guild, Participant
+from cordvoice.emulator.dave_ds import MALFORMED_INPUT_REASONS
 
 from .emulator_helpers import exchange_audio, opaque_frames, wait_converged
 
 SEEDS = range(20)
 MAX_DELAY = 0.008
-
-# Delivery-service rejections that mean someone sent malformed or rule-breaking data (not lost races).
-GARBAGE = (
-    "key_package_invalid",
-    "key_package_wrong_identity",
-    "key_package_from_group_member",
-    "commit_invalid",
-    "commit_wrong_group",
-    "commit_wrong_sender_leaf",
-    "commit_without_welcome",
-    "welcome_members_mismatch",
-    "welcome_without_adds",
-    "commit_remove_without_path",
-    "commit_changes_credential",
-    "commit_leaf_signature_invalid",
-)
 
 
 async def settle(emu: Emulator, members: list[Participant], tag: int) -> None:
@@ -87,7 +72,7 @@ async def growth_and_churn(emu: Emulator, guild: Guild, seed: int) -> tuple[tupl
     ds = emu.voice_server().core.calls[channel.id].dave
     assert ds is not None
     assert ds.counters["group_resets"] == 1 and ds.counters["invalid_commit_welcome"] == 1
-    assert not any(ds.counters[reason] for reason in GARBAGE), ds.counters
+    assert not any(ds.counters[reason] for reason in MALFORMED_INPUT_REASONS), ds.counters
     return fingerprint
 
 

@@ -23,6 +23,7 @@ from cordvoice.errors import InvalidArgumentError, ProtocolError
 
 __all__ = [
     "DEFAULT_TRANSITION_TIMEOUT",
+    "MALFORMED_INPUT_REASONS",
     "PROPOSALS_APPEND",
     "PROPOSALS_REVOKE",
     "DaveDeliveryService",
@@ -43,6 +44,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRANSITION_TIMEOUT = 1.5
 """Seconds to wait for every op 23 before sending op 22 anyway. Inferred: protocol.md §10.1 says the real
 server waits about 1-2 s, which nobody has documented."""
+
+MALFORMED_INPUT_REASONS = frozenset(
+    {
+        "key_package_invalid",
+        "key_package_wrong_identity",
+        "key_package_from_group_member",
+        "commit_invalid",
+        "commit_wrong_group",
+        "commit_wrong_sender_leaf",
+        "commit_without_welcome",
+        "welcome_members_mismatch",
+        "welcome_without_adds",
+        "commit_remove_without_path",
+        "commit_changes_credential",
+        "commit_leaf_signature_invalid",
+    }
+)
+"""Keys of :attr:`DaveDeliveryService.counters` that mean a client sent malformed or rule-breaking data,
+as opposed to losing a race (a stale commit, a late op 23): a test of a well-behaved client expects none."""
 
 MAX_PROTOCOL_VERSION = 1
 PROPOSALS_APPEND = 0
