@@ -11,33 +11,23 @@ because slightly damaged MP3s are common; a run of many bad packets in a row is 
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Generator, Iterator
 from fractions import Fraction
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import av
 
-from cordvoice.audio.closeable import Closeable
+from cordvoice.audio.container import OpenContainer, Source
 from cordvoice.audio.pcm import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, FrameChunker
 from cordvoice.errors import AudioError, InvalidArgumentError
 
 __all__ = ["PCMDecoder", "iter_pcm_frames"]
 
-Source = str | os.PathLike[str] | IO[bytes]
-
 _MAX_CONSECUTIVE_ERRORS: Final = 50
 _BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
 
 
-def _describe(source: Source) -> str:
-    if isinstance(source, str | os.PathLike):
-        return repr(os.fspath(source))
-    return f"<{type(source).__name__}>"
-
-
-class PCMDecoder(Closeable):
+class PCMDecoder(OpenContainer):
     """Decode the first audio stream of a file, file-like object or URL to 20 ms PCM frames.
 
     ``options`` are FFmpeg format options (e.g. ``{"reconnect": "1"}`` for HTTP); ``timeout`` bounds
@@ -54,30 +44,21 @@ class PCMDecoder(Closeable):
         start: float = 0.0,
     ) -> None:
         self._av: Any = av
-        self._lock = threading.Lock()
-        self._closed = False
-        self._name = _describe(source)
         self.decode_errors = 0
         """Packets that failed to decode and were skipped."""
-        try:
-            self._container: Any = av.open(
-                source, mode="r", format=format, options=options or {}, timeout=timeout
-            )
-        except (av.FFmpegError, OSError, ValueError) as exc:
-            raise AudioError(f"cannot open {self._name}: {exc}") from exc
+        super().__init__(source, format=format, options=options, timeout=timeout)
         try:
             if not self._container.streams.audio:
                 raise AudioError(f"{self._name} has no audio stream")
-            self._stream: Any = self._container.streams.audio[0]
-            self._time_base: Fraction | None = self._stream.time_base
+            self._stream = self._container.streams.audio[0]
+            self._time_base = self._stream.time_base
             self._chunker = FrameChunker()
             self._start_pts: int = self._stream.start_time or 0
             self._frames = self._generate(None)
             if start:
                 self._seek_locked(start)
         except BaseException:
-            self._closed = True
-            self._container.close()
+            self._abandon()
             raise
 
     @property
@@ -89,20 +70,6 @@ class PCMDecoder(Closeable):
     def source_rate(self) -> int:
         """Sample rate of the source before resampling."""
         return int(self._stream.codec_context.sample_rate or 0)
-
-    @property
-    def duration(self) -> float | None:
-        """Length in seconds when the container knows it."""
-        if self._stream.duration is not None and self._time_base is not None:
-            return float(self._stream.duration * self._time_base)
-        if self._container.duration is not None:
-            return float(self._container.duration) / 1_000_000
-        return None
-
-    @property
-    def seekable(self) -> bool:
-        """Whether :meth:`seek` can work: a seekable input with a known length (not a pipe or live stream)."""
-        return not self._closed and bool(self._container.duration)
 
     def _new_resampler(self) -> Any:
         return self._av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE)

@@ -12,22 +12,18 @@ manager or call :meth:`OpusDemuxer.close`; :func:`iter_opus_packets` closes when
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import IO, Any, NamedTuple
+from typing import NamedTuple
 
 import av
 
-from cordvoice.audio.closeable import Closeable
+from cordvoice.audio.container import OpenContainer, Source
 from cordvoice.audio.opus import packet_samples
 from cordvoice.audio.pcm import FRAME_SAMPLES, SAMPLE_RATE
 from cordvoice.errors import AudioError, InvalidArgumentError
 
 __all__ = ["OpusDemuxer", "OpusPacket", "iter_opus_packets"]
-
-Source = str | os.PathLike[str] | IO[bytes]
 
 
 class OpusPacket(NamedTuple):
@@ -49,13 +45,7 @@ class OpusPacket(NamedTuple):
         return None if self.pts is None else self.pts / SAMPLE_RATE
 
 
-def _describe(source: Source) -> str:
-    if isinstance(source, str | os.PathLike):
-        return repr(os.fspath(source))
-    return f"<{type(source).__name__}>"
-
-
-class OpusDemuxer(Closeable):
+class OpusDemuxer(OpenContainer):
     """An open Ogg/WebM/Matroska file whose first audio stream is Opus.
 
     Raises :class:`AudioError` when the file cannot be opened, has no Opus audio stream, has more than two
@@ -65,18 +55,11 @@ class OpusDemuxer(Closeable):
 
     def __init__(self, source: Source, *, require_20ms: bool = True, format: str | None = None) -> None:
         self._av_error: type[Exception] = av.FFmpegError
-        self._lock = threading.Lock()
-        self._closed = False
-        self._name = _describe(source)
-        try:
-            self._container: Any = av.open(source, mode="r", format=format)
-        except (av.FFmpegError, OSError, ValueError) as exc:
-            raise AudioError(f"cannot open {self._name}: {exc}") from exc
+        super().__init__(source, format=format)
         try:
             self._setup(require_20ms)
         except BaseException:
-            self._container.close()
-            self._closed = True
+            self._abandon()
             raise
 
     def _setup(self, require_20ms: bool) -> None:
@@ -89,10 +72,11 @@ class OpusDemuxer(Closeable):
         self.channels: int = stream.codec_context.channels
         if self.channels > 2:
             raise AudioError(f"{self._name} has {self.channels}-channel Opus, which cannot be passed through")
-        self._time_base: Fraction = stream.time_base or Fraction(1, SAMPLE_RATE)
+        time_base = stream.time_base or Fraction(1, SAMPLE_RATE)
+        self._time_base = time_base
         # Integer rescaling to 48 kHz samples: Fraction arithmetic would cost microseconds per packet.
-        self._scale_num = self._time_base.numerator * SAMPLE_RATE
-        self._scale_den = self._time_base.denominator
+        self._scale_num = time_base.numerator * SAMPLE_RATE
+        self._scale_den = time_base.denominator
         extradata = stream.codec_context.extradata
         self.opus_head: bytes | None = bytes(extradata) if extradata else None
         """The OpusHead header (pre-skip, channel count, gain), when the container carries one."""
@@ -118,20 +102,6 @@ class OpusDemuxer(Closeable):
     def passthrough_ok(self) -> bool:
         """Whether the packets can go to Discord as they are (20 ms frames, at most two channels)."""
         return self.frame_samples == FRAME_SAMPLES
-
-    @property
-    def duration(self) -> float | None:
-        """Length in seconds when the container knows it."""
-        if self._stream.duration is not None:
-            return float(self._stream.duration * self._time_base)
-        if self._container.duration is not None:
-            return float(self._container.duration) / 1_000_000
-        return None
-
-    @property
-    def seekable(self) -> bool:
-        """Whether :meth:`seek` can work: a seekable input (files are; pipes and live streams are not)."""
-        return not self._closed and bool(self._container.duration)
 
     def _to_samples(self, value: int | None) -> int | None:
         if value is None:
@@ -180,7 +150,7 @@ class OpusDemuxer(Closeable):
                 raise AudioError("the demuxer is closed")
             target = round(seconds * SAMPLE_RATE)
             try:
-                offset = int(Fraction(target, SAMPLE_RATE) / self._time_base)
+                offset = target * self._scale_den // self._scale_num  # the target in stream time units
                 self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
             except (self._av_error, OSError, ValueError) as exc:
                 raise AudioError(f"cannot seek in {self._name}: {exc}") from exc
