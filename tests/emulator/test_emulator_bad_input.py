@@ -111,10 +111,13 @@ async def test_bad_input_gets_its_close_code_or_drop_and_is_counted() -> None:
         # Main gateway: malformed JSON, deep nesting, unknown opcode, wrong token.
         assert await gateway_close_code(emu, "{not json") == 4002
         assert await gateway_close_code(emu, "[" * 3000) == 4002
+        wide = json.dumps({"op": 1, "d": None, "pad": "é" * 2100}, ensure_ascii=False)
+        assert len(wide) < 4096 < len(wide.encode()), "the 4096 limit is in bytes, not characters"
+        assert await gateway_close_code(emu, wide) == 4002
         assert await gateway_close_code(emu, json.dumps(identify), '{"op": 99, "d": null}') == 4001
         wrong = {"op": 2, "d": {"token": "wrong", "intents": 129, "properties": {}}}
         assert await gateway_close_code(emu, json.dumps(wrong)) == 4004
-        assert emu.main_gateway.stats.closes == {4002: 2, 4001: 1, 4004: 1}
+        assert emu.main_gateway.stats.closes == {4002: 3, 4001: 1, 4004: 1}
         # Voice gateway: malformed JSON, unknown opcode, wrong token, wrong resume, payload before Identify.
         cases: list[tuple[Callable[[Any], Any], int]] = [
             (lambda s: "{not json", 4002),

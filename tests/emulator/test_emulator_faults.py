@@ -197,12 +197,13 @@ async def test_delete_channel_announces_it_and_closes_4022(world: VoiceWorld) ->
     other = await emu.add_participant(world.stage.id, name="other")
     mark = gateway.mark()
     assert emu.faults.delete_channel(world.stage.id) == 2
-    _, _, deleted = await gateway.expect("CHANNEL_DELETE", after=mark)
+    deleted_at, _, deleted = await gateway.expect("CHANNEL_DELETE", after=mark)
     assert deleted["id"] == str(world.stage.id)
-    _, _, state = await gateway.expect(
+    left_at, _, state = await gateway.expect(
         "VOICE_STATE_UPDATE", lambda d: d["user_id"] == str(world.bot.user_id), after=mark
     )
     assert state["channel_id"] is None
+    assert deleted_at < left_at, "CHANNEL_DELETE first, then the null voice states (docs/emulator.md)"
     assert await voice.wait_closed() == 4022 and await other.wait_closed() == 4022
     assert emu.inspect(world.bot.user_id).faults == {"channel_deleted": 1}
     await gateway.close()

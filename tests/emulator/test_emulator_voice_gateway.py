@@ -259,6 +259,18 @@ async def test_resume_is_refused_with_4006_after_the_window_or_past_the_buffer()
         assert emu.voice_server().stats.sessions_expired == 1
 
 
+async def test_a_refused_resume_also_closes_the_socket_still_carrying_the_session() -> None:
+    async with voice_world() as world:
+        raw, session, _ = await identified(world)
+        other = await RawVoice.open(session.endpoint)
+        resume = {"server_id": str(session.server_id), "session_id": session.session_id,
+                  "token": session.token, "seq_ack": 500}  # fmt: skip
+        await other.send({"op": 7, "d": resume})
+        assert await other.close_code() == 4006, "acknowledges a number never sent"
+        assert world.emu.inspect(session.user_id).ended
+        assert await raw.close_code() == 4006, "the session ended; its socket must not live on without it"
+
+
 async def test_heartbeat_timeout_closes_with_4009_and_ends_the_session() -> None:
     async with voice_world(heartbeat_interval_ms=100, heartbeat_timeout=0.3) as world:
         witness = await world.emu.add_participant(world.channel.id, name="witness")

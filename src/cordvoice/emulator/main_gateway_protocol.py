@@ -90,6 +90,17 @@ class Intent(enum.IntFlag):
 _KNOWN_INTENTS = ((1 << 22) - 1) | (1 << 24) | (1 << 25)
 # Discord closes a connection whose client payload exceeds 4096 bytes with 4002.
 MAX_CLIENT_PAYLOAD = 4096
+# A text frame of more than this many characters may exceed the limit in UTF-8 (up to 4 bytes each).
+_SURELY_SMALL = MAX_CLIENT_PAYLOAD // 4
+
+
+def _payload_size(message: str | bytes) -> int:
+    """Bytes on the wire: the limit is in bytes, and a text frame's characters can take up to four each."""
+    if isinstance(message, bytes) or len(message) <= _SURELY_SMALL:
+        return len(message)
+    return len(message.encode())
+
+
 # Client ops the emulator accepts and deliberately does nothing with (counted in ``ignored_ops``).
 _ACCEPTED_NOOPS = frozenset(
     {GatewayOp.PRESENCE_UPDATE, GatewayOp.REQUEST_GUILD_MEMBERS, GatewayOp.REQUEST_SOUNDBOARD_SOUNDS}
@@ -545,7 +556,7 @@ class GatewayConnection:
 
     def _receive(self, message: str | bytes, now: float) -> None:
         self._count_rate(now)
-        if len(message) > MAX_CLIENT_PAYLOAD:
+        if _payload_size(message) > MAX_CLIENT_PAYLOAD:
             raise _PayloadError(
                 GatewayCloseCode.DECODE_ERROR, f"payload larger than {MAX_CLIENT_PAYLOAD} bytes"
             )

@@ -351,9 +351,10 @@ class Emulator:
     def delete_channel(self, channel_id: int) -> list[VoiceStateChange]:
         """Delete a channel: CHANNEL_DELETE, and everyone inside leaves (cause CHANNEL_DELETED)."""
         channel, changes = self.state.delete_channel(channel_id)
+        hub = self.main_gateway.hub
+        hub.announce_channel("CHANNEL_DELETE", channel.to_payload(), channel.guild_id)
         for change in changes:
-            self.main_gateway.hub.apply_voice_change(change)
-        self.main_gateway.hub.announce_channel("CHANNEL_DELETE", channel.to_payload(), channel.guild_id)
+            hub.apply_voice_change(change)
         return changes
 
     # ---- voice states (participants, kicks, moves) --------------------------------------------------------

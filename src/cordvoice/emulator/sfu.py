@@ -10,7 +10,9 @@ server then:
   untouched) to every other member of the channel that finished Select Protocol, sealed with that
   receiver's key and nonce counter, keeping the sender's SSRC, sequence number, timestamp and marker;
 * drops and counts everything else (``counters``, by reason): unknown addresses, packets before Select
-  Protocol or before op 5, failed authentication, garbage, RTCP (counted, not forwarded).
+  Protocol or before op 5, failed authentication, garbage, RTCP (counted, not forwarded). Discord is said
+  to disconnect a client for RTP before op 5; here it is only counted, because op 5 comes by WebSocket and
+  a correct client's first packet can overtake it.
 
 This module owns the socket, so it is a thin shell around plain dictionaries; the only decisions on the
 per-packet path are dictionary lookups. Hooks for fault injection: :attr:`MediaServer.forward_hook` sees

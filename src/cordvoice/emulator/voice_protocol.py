@@ -687,7 +687,9 @@ class VoiceServerCore:
             raise _Refuse(CloseCode.SESSION_NO_LONGER_VALID, "session no longer valid")
         missed = record.missed_since(message.seq_ack)
         if missed is None:
-            self._end_session(record, now)
+            # The session is over for every socket: one still attached would live on unauthenticated.
+            ended = (CloseCode.SESSION_NO_LONGER_VALID, "session no longer valid")
+            self._end_session(record, now, close=ended)
             raise _Refuse(
                 CloseCode.SESSION_NO_LONGER_VALID, "the messages after seq_ack are no longer buffered"
             )
