@@ -117,6 +117,22 @@ def test_ogg_writer_splits_large_packets_across_pages_and_trims_the_end() -> Non
     assert pages[-1]["granule"] == 9 * 960 - 500
 
 
+def test_ogg_writer_page_full_at_a_packet_boundary_starts_the_next_packet_on_a_fresh_page() -> None:
+    # 42 max-size packets (6 lacing values each) + one of 600 bytes (3): exactly a page's 255 lacing values.
+    filling = [bytes([0xFC]) + os.urandom(1274) for _ in range(42)] + [bytes([0xFC]) + os.urandom(599)]
+    last = bytes([0xFC]) + os.urandom(100)
+    buffer = io.BytesIO()
+    writer = OggOpusWriter(buffer, serial=9)
+    for packet in [*filling, last]:
+        writer.write(packet)
+    writer.close(end_trim=500)  # the last packet is alone on the last page, whose samples are trimmable
+    data = buffer.getvalue()
+    assert demux_with_pyav(data) == [*filling, last]  # a wrong 'continued' flag makes FFmpeg drop a packet
+    full, fresh = parse_pages(data)[2:]
+    assert len(full["lacing"]) == 255 and full["granule"] == 43 * 960
+    assert fresh["flags"] == 0x04 and fresh["granule"] == 44 * 960 - 500  # EOS, not 'continued'
+
+
 def test_ogg_writer_silence_and_argument_checks() -> None:
     buffer = io.BytesIO()
     with OggOpusWriter(buffer) as writer:

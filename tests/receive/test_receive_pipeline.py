@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cordvoice.audio.opus import OPUS_SILENCE, STATUS_FEC, STATUS_OK, STATUS_PLC, OpusDecoder, decode_slots
-from cordvoice.audio.receive_pipeline import DecodeJob, ReceivePipeline, VoiceFrame
+from cordvoice.audio.receive_pipeline import DecodeJob, ReceivePipeline, UserStats, VoiceFrame
 from cordvoice.audio.samples import speech_like
 from cordvoice.errors import DaveDecryptError, InvalidArgumentError
 from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher
@@ -355,6 +355,52 @@ def test_ssrc_moving_to_another_user_starts_a_new_stream(speech_frames: list[byt
     assert [f.user_id for f in out.frames] == [USER_A] * 5 + [USER_B] * 5
 
 
+def test_ssrc_moved_before_any_audio_belongs_only_to_the_new_user(speech_frames: list[bytes]) -> None:
+    """Op 5 names USER_A, then USER_B, before a packet came: USER_A must not keep the SSRC (it would count
+    USER_B's losses and its op 13 would flush USER_B's live stream)."""
+    pipeline = ReceivePipeline(None)
+    pipeline.on_speaking(USER_A, SSRC_A, 1, 0.0)
+    pipeline.on_speaking(USER_B, SSRC_A, 1, 0.01)
+    feed_run(pipeline, speech_frames[:10], ssrc=SSRC_A, skip=frozenset({4}))
+    assert [f.sequence for f in pipeline.tick(0.15).frames] == [0, 1, 2, 3, 4]  # 4 concealed
+    assert pipeline.stats(USER_B).lost == 1
+    assert pipeline.stats(USER_A) == UserStats()
+    pipeline.on_client_disconnect(USER_A, 0.15)
+    assert pipeline.ssrc_users == {SSRC_A: USER_B}
+    assert pipeline.tick(0.15).frames == []  # nothing flushed early: USER_B's frames keep their schedule
+    rest = pipeline.tick(1.0).frames
+    assert [f.sequence for f in rest] == [5, 6, 7, 8, 9]
+    assert {f.user_id for f in rest} == {USER_B}
+    assert rest[0].playout_time == pytest.approx(0.16)
+
+
+def test_user_leaving_mid_speech_stops_speaking_after_its_last_frames(speech_frames: list[bytes]) -> None:
+    pipeline = ReceivePipeline(None)
+    pipeline.map_ssrc(SSRC_A, USER_A)
+    feed_run(pipeline, speech_frames[:10], ssrc=SSRC_A)
+    changes = list(pipeline.tick(0.1).speaking)
+    pipeline.on_client_disconnect(USER_A, 0.1)
+    for step in range(50):
+        changes += pipeline.tick(0.1 + step * 0.02).speaking
+    # One start, one stop where the last voiced frame ends (not a stop/start/stop flap around the flush).
+    assert [(c.speaking, c.source, c.time) for c in changes] == [
+        (True, "audio", pytest.approx(0.08)),
+        (False, "audio", pytest.approx(0.26)),
+    ]
+
+
+def test_user_leaving_within_the_hangover_stops_speaking_at_once(speech_frames: list[bytes]) -> None:
+    pipeline = ReceivePipeline(None, activity_hangover=0.3)
+    pipeline.map_ssrc(SSRC_A, USER_A)
+    feed_run(pipeline, speech_frames[:10], ssrc=SSRC_A)
+    started = pipeline.tick(0.3).speaking  # every frame played (until 0.26), the hangover runs until 0.56
+    assert [(c.speaking, c.source) for c in started] == [(True, "audio")]
+    pipeline.on_client_disconnect(USER_A, 0.35)
+    stop = pipeline.tick(0.36).speaking
+    assert [(c.speaking, c.source, c.time) for c in stop] == [(False, "audio", 0.35)]
+    assert pipeline.tick(1.0).speaking == []
+
+
 def test_feed_datagram_counts_rtcp_garbage_and_bad_authentication(speech_frames: list[bytes]) -> None:
     cipher = make_cipher(MODE_AES256_GCM, bytes(range(32)))
     other = make_cipher(MODE_AES256_GCM, bytes(32))
@@ -454,4 +500,28 @@ def test_timeline_ignores_a_stall_burst_but_keeps_a_real_pause(speech_frames: li
     # The pause is kept: frame 40 sits 0.5 s after where the grid alone would put it.
     assert timeline[40] - timeline[39] == pytest.approx(0.02 + 0.5, abs=0.005)
     assert timeline[59] - timeline[40] == pytest.approx(19 * 0.02)
+    assert all(b >= a + 0.0199 for a, b in itertools.pairwise(timeline))
+
+
+def test_timeline_keeps_pauses_after_the_sender_restarts_its_stream(speech_frames: list[bytes]) -> None:
+    """The sender restarts on the same SSRC with new origins, its sequence "behind" the old one modulo
+    2**16: the old stream's transits must not pin the timeline, or every later pause would vanish."""
+    pipeline = ReceivePipeline(None)
+    pipeline.map_ssrc(SSRC_A, USER_A)
+    packets = [(1000 + i, 5_000_000 + i * 960, i * 0.02) for i in range(50)]
+    # Restart after a 1 s pause; then a real 2 s pause (DTX: the timestamp jumps by 2 s as well).
+    packets += [(41_050 + i, 2_000_000 + i * 960, 2.0 + i * 0.02) for i in range(25)]
+    packets += [(41_050 + i, 2_096_000 + i * 960, 4.0 + i * 0.02) for i in range(25, 50)]
+    frames: list[VoiceFrame] = []
+    for index, (seq, ts, arrival) in enumerate(packets):
+        pipeline.feed(rtp_header(seq, ts, SSRC_A), speech_frames[index], arrival)
+        frames += pipeline.tick(arrival).frames
+    frames += pipeline.drain(10.0).frames
+    assert [f.sequence for f in frames] == [seq for seq, _, _ in packets]
+    assert pipeline.stats(USER_A).dropped == 0
+    timeline = [f.timeline_time for f in frames]
+    assert timeline[50] - timeline[49] == pytest.approx(0.02 + 1.0, abs=0.005)
+    assert timeline[75] - timeline[74] == pytest.approx(0.02 + 2.0, abs=0.005)
+    assert timeline[74] - timeline[50] == pytest.approx(24 * 0.02)
+    assert timeline[99] - timeline[75] == pytest.approx(24 * 0.02)
     assert all(b >= a + 0.0199 for a, b in itertools.pairwise(timeline))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import wave
 from collections.abc import AsyncIterable, Callable
@@ -226,12 +227,14 @@ async def test_a_failing_sink_is_detached_and_others_continue(tmp_path: Path) ->
 
     class Broken:
         wants_pcm = False
+        closes = 0
 
         def write(self, frame: VoiceFrame) -> None:
             raise OSError("disk full")
 
         def close(self) -> None:
-            pass
+            self.closes += 1
+            raise OSError("still full")
 
     broken = receiver.add_sink(Broken())
     calls: list[int] = []
@@ -244,8 +247,33 @@ async def test_a_failing_sink_is_detached_and_others_continue(tmp_path: Path) ->
     receiver.add_sink(callback)
     await feed_paced(receiver, frames, ssrc=SSRC_A)
     await receiver.close()
-    assert broken not in receiver.sinks and receiver.sink_errors == 1
+    # Detached and closed once, right away; the failed close is counted too, and stops nothing.
+    assert broken not in receiver.sinks and isinstance(broken, Broken) and broken.closes == 1
+    assert receiver.sink_errors == 2
     assert calls == list(range(len(frames))) and callback.errors == len(frames)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to fail writes with ENOSPC")
+async def test_a_failed_per_user_sink_is_closed_so_the_files_it_wrote_are_finished(tmp_path: Path) -> None:
+    """B's file is a full disk: the whole per-user sink fails, and A's WAV must still get its final header."""
+    frames = encode_pcm(tone(440.0, 0.4))
+    (tmp_path / f"{USER_B}.wav").symlink_to("/dev/full")
+    receiver = Receiver(None)
+    receiver.on_speaking(USER_A, SSRC_A, 1)
+    receiver.on_speaking(USER_B, SSRC_B, 1)
+    per_user = receiver.add_sink(PerUserWavSink(tmp_path))
+    await feed_paced(receiver, frames, ssrc=SSRC_A)
+    await asyncio.sleep(0.12)  # A's frames are played out, decoded and written
+    await feed_paced(receiver, frames, ssrc=SSRC_B)  # B's third frame overflows the write buffer: ENOSPC
+    await asyncio.sleep(0.12)
+    await receiver.close()
+    assert receiver.sink_errors == 2  # B's write, then B's file failing to finish when the sink is closed
+    assert isinstance(per_user, PerUserWavSink)
+    written = per_user.sinks[USER_A].samples_written
+    assert written >= len(frames) * 960
+    pcm, length = read_wav(tmp_path / f"{USER_A}.wav")
+    assert length == written  # the header was finished, not left as the first write wrote it
+    assert float(np.sqrt(np.mean(to_mono(pcm) ** 2))) > 1e-2  # and it holds A's tone
 
 
 def test_split_jobs_keeps_each_decoder_on_one_thread() -> None:

@@ -136,8 +136,12 @@ class OggOpusWriter:
         elif samples <= 0:
             raise InvalidArgumentError("samples must be positive")
         # Flush *before* adding, so the last packet written is always still pending: close() can then
-        # mark it end-of-stream and apply an end trim.
-        if self._segments and self._granule + samples - self._page_start_granule > self._max_page_samples:
+        # mark it end-of-stream and apply an end trim. A page whose 255 lacing values are used up is
+        # flushed here too, so the packet starts a fresh page (not flagged as continuing one).
+        if self._segments and (
+            len(self._segments) == _MAX_SEGMENTS
+            or self._granule + samples - self._page_start_granule > self._max_page_samples
+        ):
             self._emit_page()
         self._granule += samples
         self._packets += 1
@@ -192,6 +196,8 @@ class OggOpusWriter:
             raise AudioError(f"cannot write the Ogg file: {exc}") from exc
 
     def _add_packet(self, data: bytes, granule_after: int) -> None:
+        # The pending page must have room for at least one lacing value (write() flushes a full page
+        # first), so a page emitted here always ends mid-packet and the next one rightly continues it.
         lacing = _lacing(len(data))
         offset = 0
         while True:

@@ -421,6 +421,9 @@ class ReceivePipeline:
         previous = self._ssrc_users.get(ssrc)
         if previous is not None and previous != user_id:
             self._retire_stream(ssrc, now)
+            # Also when no stream was open yet: a stale entry would credit the new owner's counters to the
+            # previous user and let the previous user's op 13 retire the new owner's stream.
+            self._users[previous].ssrcs.discard(ssrc)
         self._ssrc_users[ssrc] = user_id
         user = self._user(user_id)
         user.ssrcs.add(ssrc)
@@ -565,7 +568,17 @@ class ReceivePipeline:
                 user_stats.dropped += 1
                 self.counters.reasons["bad_opus"] += 1
                 return
-        if stream.jitter.push(sequence, timestamp, arrival, opus, samples=samples) is _ACCEPTED:
+        jitter = stream.jitter
+        restarts = jitter.stats.restarts
+        result = jitter.push(sequence, timestamp, arrival, opus, samples=samples)
+        if jitter.stats.restarts != restarts:
+            # The sender restarted its stream (new sequence and timestamp origins). The old transits and
+            # numbers cannot be compared with the new ones (stale heap entries would pin the anchor and
+            # erase every later pause), so the timeline estimate starts over; last_end keeps it monotonic.
+            stream.newest_ext = -1
+            stream.transits = []
+            stream.base = None
+        if result is _ACCEPTED:
             # Remember the accepted packet's transit (arrival minus its RTP time) for the timeline placement
             # in _convert, with its sequence and timestamp extended relative to the stream's newest packet.
             newest = stream.newest_ext
@@ -684,7 +697,9 @@ class ReceivePipeline:
         retired, self._retired_frames = self._retired_frames, []
         for stream, popped in retired:
             self._convert(stream, popped, frames=frames, jobs=jobs, wants_pcm=wants_pcm, speaking=speaking)
-            if self._audio_speaking.pop(stream, None) is not None:
+            # Membership, not pop(): the dict is a set and its values are all None.
+            if stream in self._audio_speaking:
+                del self._audio_speaking[stream]
                 stream.speaking = False
                 speaking.append(
                     SpeakingChange(stream.user_id, False, "audio", stream.last_voiced_end, stream.ssrc)
@@ -819,10 +834,13 @@ class ReceivePipeline:
             return
         self._drop_held(stream)
         popped = stream.jitter.drain()
-        if popped:
-            self._retired_frames.append((stream, popped))
         self._active.pop(stream, None)
-        if self._audio_speaking.pop(stream, None) is not None:
+        if popped:
+            # _flush_retired ends its audio speaking after these last frames (ending it here too would
+            # report stop, start, stop for a user who leaves mid-speech).
+            self._retired_frames.append((stream, popped))
+        elif stream in self._audio_speaking:
+            del self._audio_speaking[stream]
             stream.speaking = False
             self._speaking_out.append(SpeakingChange(stream.user_id, False, "audio", now, ssrc))
         user = self._users[stream.user_id]

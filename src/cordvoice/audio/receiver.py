@@ -435,11 +435,7 @@ class Receiver:
         sinks, self._sinks = self._sinks, []
         if close_sinks:
             for sink in sinks:
-                try:
-                    sink.close()
-                except Exception:
-                    self.sink_errors += 1
-                    logger.exception("closing the audio sink %r failed", sink)
+                self._close_sink(sink)
 
     async def __aenter__(self) -> Receiver:
         return self
@@ -544,8 +540,19 @@ class Receiver:
                     sink.write(frame)
             except Exception:
                 self.sink_errors += 1
-                logger.exception("audio sink %r failed; it is detached", sink)
+                logger.exception("audio sink %r failed; it is detached and closed", sink)
                 self.remove_sink(sink)
+                # Closed now, not left open: what it already wrote (other users' files of a per-user
+                # sink, say) gets finished headers, and its file handles are released.
+                self._close_sink(sink)
+
+    def _close_sink(self, sink: AudioSink) -> None:
+        """Close a sink; a failure is counted and logged, not raised, so the caller carries on."""
+        try:
+            sink.close()
+        except Exception:
+            self.sink_errors += 1
+            logger.exception("closing the audio sink %r failed", sink)
 
     def _start_decode(self) -> None:
         _frames, jobs = self._decode_queue[0]
