@@ -219,6 +219,67 @@ def test_upgrade_from_transport_only_accepts_plain_frames_for_a_while() -> None:
     assert a.decrypt(2, OPUS) == OPUS  # a peer still sending plain Opus right after the upgrade
 
 
+def test_after_a_downgrade_late_dave_frames_are_decrypted_not_passed_on() -> None:
+    """A peer that executes op 22 a moment after us still sends DAVE frames: decrypt them with the old keys
+    (protocol.md §6.4), and drop, never hand on as Opus, those that do not decrypt."""
+    h = _group(1, 2)
+    a, b = h.members[1].client, h.members[2].client
+    for client in (a, b):
+        client.on_prepare_transition(40, 0)
+    a.on_execute_transition(40)  # we switch first; b still encrypts
+    decrypted = a.stats.decrypted
+    late = b.encrypt(OPUS)
+    tampered = bytearray(b.encrypt(OPUS) or b"")
+    tampered[0] ^= 1
+    assert late is not None and is_dave_frame(late) and is_dave_frame(bytes(tampered))
+    assert a.protocol_version == 0 and a.decrypt(2, late) == OPUS
+    for bad in (late, bytes(tampered)):  # a replay, a forgery
+        with pytest.raises(DaveDecryptError) as err:
+            a.decrypt(2, bad)
+        assert not err.value.retryable and err.value.reason == "failed"
+    b.on_execute_transition(40)
+    assert b.encrypt(OPUS) == OPUS and a.decrypt(2, OPUS) == OPUS  # plain frames pass as before
+    assert a.stats.decrypted == decrypted + 1 and a.stats.decrypt_failures == {"failed": 2}
+
+
+def test_version_zero_after_a_session_drops_dave_frames_it_cannot_decrypt() -> None:
+    """Op 4 with version 0 resets the session: a DAVE frame then has no key and is dropped and counted.
+    A client that never had a session passes every frame, since it cannot tell such a frame from Opus."""
+    frame = _group(1, 2).members[2].client.encrypt(OPUS)
+    assert frame is not None and is_dave_frame(frame)
+    client = DaveClient()
+    client.on_session_description(1, 5, CHANNEL_ID)
+    client.on_session_description(0, 5, CHANNEL_ID)
+    with pytest.raises(DaveDecryptError) as err:
+        client.decrypt(2, frame)
+    assert not err.value.retryable and client.stats.decrypt_failures == {"failed": 1}
+    assert client.decrypt(2, OPUS) == OPUS
+    never = DaveClient()
+    never.on_session_description(0, 5, CHANNEL_ID)
+    assert never.decrypt(2, frame) == frame
+
+
+def test_upgrade_passes_plain_frames_before_the_group_is_ready() -> None:
+    """Op 24 (epoch 1) from version 0: peers send plain Opus until the new group exists (protocol.md §6.7
+    passthrough in a transition window). DAVE frames wait for the key, counted."""
+    frame = _group(1, 2).members[2].client.encrypt(OPUS)
+    assert frame is not None
+    client = DaveClient()
+    client.on_session_description(0, 5, CHANNEL_ID)
+    client.on_prepare_epoch(1, 1)
+    assert client.dave_required and not client.ready
+    assert client.decrypt(6, OPUS) == OPUS
+    with pytest.raises(DaveKeyPendingError) as held:
+        client.decrypt(2, frame)
+    assert held.value.reason == "not_ready"
+    # A later op 4 at version 1 is an end-to-end encrypted call from the start: plain frames are refused.
+    client.on_session_description(1, 5, CHANNEL_ID)
+    with pytest.raises(DaveDecryptError) as plain:
+        client.decrypt(6, OPUS)
+    assert not plain.value.retryable and plain.value.reason == "unencrypted"
+    assert client.stats.decrypt_failures == {"not_ready": 1, "unencrypted": 1}
+
+
 def test_transition_zero_executes_at_once() -> None:
     client = DaveClient()
     client.on_session_description(1, 1, CHANNEL_ID)

@@ -53,7 +53,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UPGRADE_PASSTHROUGH_S = 10
-"""After a call moves from version 0 to DAVE, plain frames from peers are still accepted this long."""
+"""After a call moves from version 0 to DAVE, plain frames from peers are accepted until the first group is
+ready and for this long afterwards."""
 STALL_TIMEOUT_S = 10.0
 """Seconds without a usable group, with other members present, before a member recovers on its own
 (groups form within a second or two on Discord and in the emulator)."""
@@ -146,7 +147,8 @@ class DaveClient:
     """One member's DAVE state for one voice connection.
 
     Inputs are the ``on_*`` methods (one per opcode); each returns the actions to carry out, in order.
-    Nothing raises out of them except programming errors. Version 0 means passthrough everywhere.
+    Nothing raises out of them except programming errors. Version 0 means passthrough, except that DAVE
+    frames still arriving after a downgrade are decrypted with the keys the session keeps.
     """
 
     # Slots: the transmit lane reads ``encryptor`` for every packet of every stream (see TransmitLane).
@@ -280,6 +282,7 @@ class DaveClient:
             self._update_ready(out)
             return out
         self._protocol_version = protocol_version
+        self._plain_peers_possible = False  # the call is end-to-end encrypted already: no plain peers
         self._start_over(out)
         return out
 
@@ -473,12 +476,20 @@ class DaveClient:
         Raises :class:`~cordvoice.errors.DaveKeyPendingError` (retryable: hold the frame and try again
         after the next :class:`EpochChanged`) or :class:`~cordvoice.errors.DaveDecryptError` (drop it).
         """
-        if frame == OPUS_SILENCE or not self._protocol_version:
+        if frame == OPUS_SILENCE:
             return frame
         session = self._session
+        if not self._protocol_version:
+            # Transport-only. A DAVE frame here comes from a peer that has not executed the downgrade yet;
+            # the session still holds its keys (protocol.md §6.4), and ciphertext must never pass as Opus.
+            if session is None or not is_dave_frame(frame):
+                return frame
+            return self._decrypt_after_downgrade(session, user_id, frame)
         if not self._ready or session is None:
             if is_dave_frame(frame):
                 raise self._decrypt_failure("not_ready", retryable=True)
+            if self._plain_peers_possible:
+                return frame  # upgrade from version 0: peers send plain Opus until the group exists
             raise self._decrypt_failure("unencrypted", retryable=False)
         try:
             plain = session.decrypt(user_id, _AUDIO, frame)
@@ -490,6 +501,15 @@ class DaveClient:
                 raise self._decrypt_failure("unencrypted", retryable=False) from None
             if "NoValidCryptorFound" in message and is_dave_frame(frame):
                 raise self._decrypt_failure("no_key", retryable=True) from None
+            raise self._decrypt_failure("failed", retryable=False) from None
+        self.stats.decrypted += 1
+        return plain
+
+    def _decrypt_after_downgrade(self, session: davey.DaveSession, user_id: int, frame: bytes) -> bytes:
+        # Not retryable: no later epoch will bring a key for a version-0 call.
+        try:
+            plain = session.decrypt(user_id, _AUDIO, frame)
+        except ValueError:
             raise self._decrypt_failure("failed", retryable=False) from None
         self.stats.decrypted += 1
         return plain
