@@ -7,6 +7,7 @@ import os
 import time
 import wave
 from collections.abc import AsyncIterable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -101,6 +102,21 @@ async def test_pcm_listener_gets_decoded_dave_audio_in_order() -> None:
     first = opus_frames[0]
     assert first.arrival_time is not None
     assert 0.05 < first.playout_time - first.arrival_time < 0.08
+
+
+async def test_a_shut_down_executor_counts_decode_errors_and_close_returns() -> None:
+    frames = encode_pcm(tone(440.0, 0.3))
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    receiver = Receiver(None, executor=pool)
+    receiver.on_speaking(USER_A, SSRC_A, 1)
+    decoded = receiver.listen(USER_A, pcm=True)
+    await feed_paced(receiver, frames, ssrc=SSRC_A)
+    async with asyncio.timeout(5):
+        await receiver.close()
+    got = await collect(decoded)
+    assert len(got) == len(frames), "frames still arrive, with silence for the PCM that failed"
+    assert receiver.stats(USER_A).decode_errors == len(frames)
 
 
 async def test_slow_consumer_is_bounded_and_counts_drops() -> None:

@@ -562,7 +562,12 @@ class Receiver:
         self._chunks_left = len(chunks)
         executor = self._executor or decode_executor()
         for index, chunk in enumerate(chunks):
-            future = self._loop.run_in_executor(executor, decode_slots, [job for _, job in chunk])
+            future: asyncio.Future[list[tuple[bytes, int]]]
+            try:
+                future = self._loop.run_in_executor(executor, decode_slots, [job for _, job in chunk])
+            except RuntimeError as exc:  # the caller's executor was shut down: a failed batch, not a hang
+                future = self._loop.create_future()
+                future.set_exception(exc)
             future.add_done_callback(functools.partial(self._chunk_done, index))
 
     def _chunk_done(self, index: int, future: asyncio.Future[list[tuple[bytes, int]]]) -> None:
