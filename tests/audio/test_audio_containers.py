@@ -133,6 +133,45 @@ def test_ogg_writer_page_full_at_a_packet_boundary_starts_the_next_packet_on_a_f
     assert fresh["flags"] == 0x04 and fresh["granule"] == 44 * 960 - 500  # EOS, not 'continued'
 
 
+def test_ogg_writer_counts_a_spilled_packet_on_the_page_it_completes_on() -> None:
+    # 42 max-size packets (6 lacing values each) fill 252 of a page's 255; the 43rd spills onto the next.
+    spilling = [bytes([0xFC]) + os.urandom(1274) for _ in range(43)]
+    buffer = io.BytesIO()
+    writer = OggOpusWriter(buffer)
+    for packet in [*spilling, *[OPUS_SILENCE] * 60]:
+        writer.write(packet)
+    writer.close()
+    assert demux_with_pyav(buffer.getvalue()) == [*spilling, *[OPUS_SILENCE] * 60]
+    granules = [page["granule"] for page in parse_pages(buffer.getvalue())[2:]]
+    # The continued page holds the spilled packet and 49 more: 1 s, the page limit, not 51 packets.
+    assert granules == [42 * 960, (43 + 49) * 960, 103 * 960]
+
+
+def test_ogg_writer_trims_the_end_of_a_packet_that_spilled_onto_the_last_page() -> None:
+    first = bytes([0xFC]) + os.urandom(200 * 255)  # 201 lacing values
+    spilled = bytes([0xFC]) + os.urandom(100 * 255)  # 101: 54 fit on the first page, 47 go on the last
+    buffer = io.BytesIO()
+    writer = OggOpusWriter(buffer)
+    writer.write(first)
+    writer.write(spilled)
+    writer.close(end_trim=500)  # the last page completes the spilled packet: its samples are trimmable
+    assert demux_with_pyav(buffer.getvalue()) == [first, spilled]
+    head, tail = parse_pages(buffer.getvalue())[2:]
+    assert head["granule"] == 960 and len(head["lacing"]) == 255
+    assert tail["flags"] == 0x05 and tail["granule"] == 2 * 960 - 500  # continued, EOS
+
+
+def test_ogg_writer_reports_a_failed_final_flush_as_audio_error(tmp_path: Path) -> None:
+    path = tmp_path / "full.opus"
+    path.symlink_to("/dev/full")  # every flush fails with ENOSPC
+    writer = OggOpusWriter(path)
+    writer.write(OPUS_SILENCE)
+    with pytest.raises(AudioError, match="No space left"):
+        writer.close()
+    with pytest.raises(AudioError):
+        writer.write(OPUS_SILENCE)  # closed all the same
+
+
 def test_ogg_writer_silence_and_argument_checks() -> None:
     buffer = io.BytesIO()
     with OggOpusWriter(buffer) as writer:

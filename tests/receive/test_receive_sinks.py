@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
+import pytest
 
 from cordvoice.audio.opus import OPUS_SILENCE
 from cordvoice.audio.receive_pipeline import VoiceFrame
-from cordvoice.audio.sinks import MixedWavSink, PerUserWavSink, Timeline, WavSink
+from cordvoice.audio.sinks import (
+    MixedWavSink,
+    OggOpusSink,
+    PerUserOggSink,
+    PerUserWavSink,
+    Timeline,
+    WavSink,
+)
+from cordvoice.errors import AudioError
 
 RATE = 48_000
 
@@ -24,6 +36,12 @@ def frame(
 def samples(path: Path) -> np.ndarray:
     with wave.open(str(path), "rb") as reader:
         return np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2").reshape(-1, 2)[:, 0]
+
+
+def av_packets(path: Path) -> list[bytes]:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        return [bytes(packet) for packet in container.demux(stream) if packet.size]
 
 
 def test_mixed_sink_sums_users_across_many_windows_and_counts_late_frames(tmp_path: Path) -> None:
@@ -79,3 +97,56 @@ def test_a_frame_overlapping_its_predecessor_is_trimmed_alike_in_the_mix(tmp_pat
     user = samples(tmp_path / "1.wav")
     assert len(user) == 2 * 960 - 1 and set(user.tolist()) == {100}
     assert mix.tolist() == [110] * 960 + [100] * 959, "the overlapping sample counted once"
+
+
+def test_a_wav_path_that_cannot_be_created_raises_audio_error_and_leaves_nothing_half_built(
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "taken"
+    blocked.mkdir()  # a directory in the way of the file
+    for make in (lambda: WavSink(blocked), lambda: MixedWavSink(blocked)):
+        with pytest.raises(AudioError, match="cannot create"):
+            make()
+        # A half-built wave writer's finalizer would raise here (an unraisable AttributeError).
+        gc.collect()
+
+
+def test_closing_per_user_sinks_closes_every_user_even_after_one_fails(tmp_path: Path) -> None:
+    (tmp_path / "1.wav").symlink_to("/dev/full")  # user 1's file: every flush fails (ENOSPC)
+    per_user = PerUserWavSink(tmp_path)
+    for user in (1, 2, 3):
+        per_user.write(frame(user, 0, 1.0, 5))
+    with pytest.raises(AudioError, match=r"1\.wav"):
+        per_user.close()
+    for user in (2, 3):  # the users after the failed one got finished files
+        assert samples(tmp_path / f"{user}.wav").tolist() == [5] * 960
+    per_user.close()  # idempotent: the failure is not raised again
+
+
+def test_per_user_close_names_how_many_failed(tmp_path: Path) -> None:
+    for user in (1, 3):
+        (tmp_path / f"{user}.opus").symlink_to("/dev/full")
+    per_user = PerUserOggSink(tmp_path)
+    for user in (1, 2, 3):
+        per_user.write(frame(user, 0, 1.0, 5))
+    with pytest.raises(AudioError, match="2 of 3") as caught:
+        per_user.close()
+    assert isinstance(caught.value.__cause__, AudioError)  # the first failure, for the traceback
+    assert av_packets(tmp_path / "2.opus") == [b"\xfc\x00\x01\x02"]
+
+
+def open_files_to(target: str) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == target)
+
+
+def test_an_ogg_sink_whose_end_padding_fails_still_closes_its_file(tmp_path: Path) -> None:
+    (tmp_path / "user.opus").symlink_to("/dev/full")
+    before = open_files_to("/dev/full")
+    sink = OggOpusSink(tmp_path / "user.opus", start_time=1.0)
+    sink.write(frame(1, 0, 1.0, 5))
+    with pytest.raises(AudioError) as caught:
+        sink.close(end_time=61.0)  # a minute of silence pages overflows the buffer: the write fails
+    # Closed by close() itself, not later by the garbage collector (the traceback still holds the writer).
+    assert open_files_to("/dev/full") == before
+    assert "No space left" in str(caught.value)

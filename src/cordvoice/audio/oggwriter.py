@@ -101,7 +101,7 @@ class OggOpusWriter:
         self._body: list[bytes] = []
         self._page_flags = _FIRST
         self._page_granule = -1  # granule of the last packet completed on the pending page
-        self._page_start_granule = 0
+        self._page_start_granule = 0  # granule before the pending page's first packet that completes on it
         # Granule positions count every decoded sample, the pre-skip ones included (RFC 7845 §4).
         self._granule = 0
         self._packets = 0
@@ -183,7 +183,10 @@ class OggOpusWriter:
     def _abort(self) -> None:
         self._closed = True
         if self._owns_file:
-            self._file.close()
+            try:
+                self._file.close()  # flushes what is buffered, so it can fail like a write
+            except OSError as exc:
+                raise AudioError(f"cannot write the Ogg file: {exc}") from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -236,8 +239,11 @@ class OggOpusWriter:
         self._segments = []
         self._body = []
         self._page_flags = 0
+        # A packet that spilled over completes on the next page, so its samples count there: the next page
+        # starts where the last packet completed so far ends (a page on which none completes changes nothing).
+        if self._page_granule >= 0:
+            self._page_start_granule = self._page_granule
         self._page_granule = -1
-        self._page_start_granule = self._granule
 
     def __enter__(self) -> OggOpusWriter:
         return self

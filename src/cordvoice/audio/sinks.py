@@ -20,7 +20,7 @@ import os
 import wave
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Generic, Protocol, TypeVar, runtime_checkable
+from typing import BinaryIO, Final, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -84,15 +84,36 @@ class Timeline:
         return max(0, round((end_time - self.start) * SAMPLE_RATE))
 
 
-def _open_wav(path: Path) -> wave.Wave_write:
+def _open_wav(path: Path) -> tuple[wave.Wave_write, BinaryIO]:
+    """A WAV writer and its file, both closed by :func:`_finish_wav`.
+
+    The file is opened here, not by ``wave.open(path)``: that leaves a half-built writer behind when the
+    open fails, whose finalizer then raises AttributeError.
+    """
     try:
-        writer = wave.open(str(path), "wb")  # noqa: SIM115 - closed by the sink's close()
+        file = open(path, "wb")  # noqa: SIM115 - closed by _finish_wav()
     except OSError as exc:
         raise AudioError(f"cannot create {str(path)!r}: {exc}") from exc
-    writer.setnchannels(CHANNELS)
-    writer.setsampwidth(SAMPLE_WIDTH)
-    writer.setframerate(SAMPLE_RATE)
-    return writer
+    try:
+        writer = wave.open(file, "wb")  # noqa: SIM115 - closed by _finish_wav()
+        writer.setnchannels(CHANNELS)
+        writer.setsampwidth(SAMPLE_WIDTH)
+        writer.setframerate(SAMPLE_RATE)
+    except BaseException:
+        file.close()
+        raise
+    return writer, file
+
+
+def _finish_wav(writer: wave.Wave_write, file: BinaryIO, path: Path) -> None:
+    """Finish the header and close the file (wave leaves a file it was handed open)."""
+    try:
+        try:
+            writer.close()
+        finally:
+            file.close()
+    except OSError as exc:
+        raise AudioError(f"cannot finish {str(path)!r}: {exc}") from exc
 
 
 class WavSink:
@@ -114,7 +135,8 @@ class WavSink:
         self.path = Path(path)
         self.user_id = user_id
         self._timeline = timeline or Timeline(start_time)
-        self._writer: wave.Wave_write | None = _open_wav(self.path)
+        self._writer: wave.Wave_write | None
+        self._writer, self._file = _open_wav(self.path)
         self.samples_written = 0
         self.frames_written = 0
         self.late = 0
@@ -165,10 +187,7 @@ class WavSink:
                     self._write(bytes(missing * _BYTES_PER_SAMPLE))
         finally:
             self._writer = None
-            try:
-                writer.close()
-            except OSError as exc:
-                raise AudioError(f"cannot finish {str(self.path)!r}: {exc}") from exc
+            _finish_wav(writer, self._file, self.path)
 
 
 class MixedWavSink:
@@ -202,7 +221,8 @@ class MixedWavSink:
         """Where each user's audio placed so far ends: a frame that overlaps its predecessor (timeline
         rounding puts consecutive frames a sample apart either way) is trimmed as the per-user file trims it,
         so the mix stays the sum of the per-user files instead of adding that sample twice."""
-        self._writer: wave.Wave_write | None = _open_wav(self.path)
+        self._writer: wave.Wave_write | None
+        self._writer, self._file = _open_wav(self.path)
         self.frames_mixed = 0
         self.late = 0
 
@@ -268,10 +288,7 @@ class MixedWavSink:
             self._flush(end)
         finally:
             writer, self._writer = self._writer, None
-            try:
-                writer.close()
-            except OSError as exc:
-                raise AudioError(f"cannot finish {str(self.path)!r}: {exc}") from exc
+            _finish_wav(writer, self._file, self.path)
 
 
 class OggOpusSink:
@@ -327,12 +344,14 @@ class OggOpusSink:
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        if end_time is not None:
-            missing = self._timeline.samples_until(end_time) - writer.samples_written
-            if missing >= _HALF_FRAME:
-                writer.write_silence((missing + _HALF_FRAME) // FRAME_SAMPLES)
-        self._final_samples = writer.samples_written
-        writer.close()
+        try:
+            if end_time is not None:
+                missing = self._timeline.samples_until(end_time) - writer.samples_written
+                if missing >= _HALF_FRAME:
+                    writer.write_silence((missing + _HALF_FRAME) // FRAME_SAMPLES)
+        finally:
+            self._final_samples = writer.samples_written
+            writer.close()  # even if the padding failed, so the file is not left open
 
 
 _S = TypeVar("_S", WavSink, OggOpusSink)
@@ -376,9 +395,22 @@ class _PerUser(Generic[_S]):
         sink.write(frame)
 
     def close(self, end_time: float | None = None) -> None:
+        """Close every user's sink, even after one fails, then raise the failure (or how many failed)."""
+        if self._closed:
+            return
         self._closed = True
+        errors: list[Exception] = []
         for sink in self.sinks.values():
-            sink.close(end_time)
+            try:
+                sink.close(end_time)
+            except Exception as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise AudioError(
+                f"closing {len(errors)} of {len(self.sinks)} per-user files failed; the first: {errors[0]}"
+            ) from errors[0]
 
 
 class PerUserWavSink(_PerUser[WavSink]):
