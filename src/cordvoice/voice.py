@@ -17,14 +17,19 @@ With discord.py, use ``await channel.connect(cls=cordvoice.discordpy.VoiceClient
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl as ssl_module
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from cordvoice.errors import GatewayError, InvalidArgumentError, JoinTimeoutError, VoiceError
-from cordvoice.events import ReadyEvent
+from cordvoice.errors import (
+    DisconnectedError,
+    GatewayError,
+    InvalidArgumentError,
+    JoinTimeoutError,
+    VoiceError,
+)
+from cordvoice.events import SessionEvent
 from cordvoice.gateway.adapter import VoiceAdapter
 from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
 from cordvoice.reconnect import ReconnectConfig
@@ -84,6 +89,8 @@ class Voice:
         )
         self._sessions: dict[int, Session] = {}
         self._joins: dict[int, asyncio.Lock] = {}
+        self._leaving: dict[int, Session] = {}
+        """Sessions that leave() is disconnecting, until their op 4 (channel null) is out."""
         self._closed = False
         self.listener_errors = 0
         adapter.set_listener(self)
@@ -128,22 +135,29 @@ class Voice:
         demands DAVE this client cannot offer, and another :class:`~cordvoice.errors.VoiceError` when the join
         fails for good. A failed join leaves nothing behind.
         """
-        if self._closed:
-            raise VoiceError("this Voice is closed")
+        self._check_open()
         _check_id("guild_id", guild_id)
         _check_id("channel_id", channel_id)
         wait = self.join_timeout if timeout is None else timeout
         lock = self._joins.setdefault(guild_id, asyncio.Lock())
         async with lock:
+            self._check_open()  # close() may have run while this join waited for the lock
+            leaving = self._leaving.get(guild_id)
+            if leaving is not None:
+                # Discord applies op 4s in order: our join must not overtake the leave's channel null.
+                await leaving.wait_closed()
             existing = self._sessions.get(guild_id)
             if existing is not None and not existing.closed:
                 return await self._move(existing, channel_id, self_mute, self_deaf, wait)
             return await self._join(guild_id, channel_id, self_mute, self_deaf, wait)
 
     async def leave(self, guild_id: int) -> None:
-        """Leave the guild's voice channel (no-op when not connected)."""
+        """Leave the guild's voice channel (no-op when not connected); also ends a join in progress."""
+        # Not under the join lock: a leave must not wait for a join that may hang until its timeout, nor
+        # deadlock with a DisconnectedEvent handler that joins again. Joins wait for self._leaving instead.
         session = self._sessions.pop(guild_id, None)
         if session is not None:
+            self._leaving[guild_id] = session
             await session.disconnect()
 
     async def close(self) -> None:
@@ -205,27 +219,34 @@ class Voice:
     async def _move(
         self, session: Session, channel_id: int, self_mute: bool, self_deaf: bool, wait: float
     ) -> Session:
-        if session.channel_id == channel_id and session.state is SessionState.READY:
+        def arrived() -> bool:
+            return session.state is SessionState.READY and session.channel_id == channel_id
+
+        if arrived():
             return session
-        ready = asyncio.ensure_future(
-            session.wait_for(ReadyEvent, lambda event: event.channel_id == channel_id)
-        )
+        # Whichever event gets the session there: Ready after a fresh Identify, or Resumed (a repeated op 4
+        # for the channel a session is resuming in brings back the same token, so no Identify follows).
+        # Subscribed before op 4 and checked on every event, so no transition can be missed.
+        changed = asyncio.Event()
+        unsubscribe = session.on(SessionEvent, lambda _: changed.set())
         try:
             async with asyncio.timeout(wait):
                 await self._adapter.update_voice_state(
                     session.guild_id, channel_id, self_mute=self_mute, self_deaf=self_deaf
                 )
-                await ready
+                while not arrived():
+                    final = session.disconnected_event
+                    if final is not None:
+                        raise final.error or DisconnectedError(final.reason, code=final.close_code)
+                    changed.clear()
+                    await changed.wait()
         except TimeoutError:
             raise JoinTimeoutError(
                 f"moving to voice channel {channel_id} in guild {session.guild_id} took longer than "
                 f"{wait:.1f} s"
             ) from None
         finally:
-            if not ready.done():
-                ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ready
+            unsubscribe()
         return session
 
     async def _abandon(self, session: Session) -> None:
@@ -236,6 +257,12 @@ class Voice:
     def _session_closed(self, session: Session) -> None:
         if self._sessions.get(session.guild_id) is session:
             del self._sessions[session.guild_id]
+        if self._leaving.get(session.guild_id) is session:
+            del self._leaving[session.guild_id]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise VoiceError("this Voice is closed")
 
     # ---- VoiceEventListener ----------------------------------------------------------------------
 

@@ -13,18 +13,20 @@ from cordvoice import (
     GatewayError,
     InvalidArgumentError,
     JoinTimeoutError,
+    MovedEvent,
     ReadyEvent,
     Session,
     SessionState,
     SpeakingEvent,
     Voice,
+    VoiceError,
 )
-from cordvoice.gateway.events import VoiceStateUpdate
+from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
 
 from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer
 from .conftest import FAST_RECONNECT, LoopErrors, wait_until
 
-GUILD, CHANNEL = 5, 6
+GUILD, CHANNEL, OTHER_CHANNEL = 5, 6, 7
 
 
 def make_voice(adapter: FakeAdapter, **kwargs: object) -> Voice:
@@ -43,6 +45,19 @@ async def test_client_join_timeout_leaves_nothing_behind(loop_errors: LoopErrors
     assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None)], "asked to join, then left"
     await voice.close()
     assert adapter.listener is None
+
+
+async def test_client_gateway_session_lost_during_the_join_sends_op4_again(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server:
+        adapter = FakeAdapter(server.endpoint, answer=False)  # the op 4 dies with the old gateway session
+        async with make_voice(adapter) as voice:
+            join = asyncio.ensure_future(voice.join_channel(GUILD, CHANNEL))
+            await wait_until(lambda: adapter.requests == [(GUILD, CHANNEL)])
+            adapter.answer = True
+            voice.on_gateway_session_lost()
+            session = await join
+            assert session.channel_id == CHANNEL and session.state is SessionState.READY
+            assert adapter.requests == [(GUILD, CHANNEL), (GUILD, CHANNEL)], "op 4 again, once"
 
 
 async def test_client_join_fails_cleanly_when_the_gateway_cannot_send(loop_errors: LoopErrors) -> None:
@@ -158,6 +173,30 @@ async def test_client_null_endpoint_immediately_followed_by_a_new_one(loop_error
             assert session.stats.moves == 1
 
 
+async def test_client_move_with_the_server_update_before_the_state_update(loop_errors: LoopErrors) -> None:
+    class ServerUpdateFirst(FakeAdapter):
+        """VOICE_SERVER_UPDATE first, the VOICE_STATE_UPDATE a moment later (protocol.md §1.2: any order)."""
+
+        def _answer(self, guild_id: int, channel_id: int | None) -> None:
+            listener = self.listener
+            if channel_id is None or listener is None:
+                super()._answer(guild_id, channel_id)
+                return
+            self.announce_server(guild_id)
+            state = VoiceStateUpdate(
+                guild_id=guild_id, channel_id=channel_id, user_id=self.user_id, session_id=self.session_id
+            )
+            asyncio.get_running_loop().call_later(0.3, listener.on_voice_state_update, state)
+
+    async with RawVoiceServer() as server, make_voice(ServerUpdateFirst(server.endpoint)) as voice:
+        session = await voice.join_channel(GUILD, CHANNEL)
+        moves: list[MovedEvent] = []
+        session.on(MovedEvent, moves.append)
+        assert await voice.join_channel(GUILD, OTHER_CHANNEL) is session
+        assert session.channel_id == OTHER_CHANNEL and session.state is SessionState.READY
+        assert moves and moves[-1].channel_id == OTHER_CHANNEL
+
+
 async def test_client_second_rejoin_leaves_and_joins_without_taking_its_echo_for_a_kick(
     loop_errors: LoopErrors,
 ) -> None:
@@ -208,3 +247,117 @@ async def test_client_replies_lost_with_the_socket_are_sent_after_the_resume(loo
             if not (isinstance(m, dict) and m["op"] == 3)
         ]
         assert ops[:3] == [7, 5, 26], "Resume, then the op 5 and key package that never went out"
+
+
+class SameTokenAdapter(FakeAdapter):
+    """Answers a repeated op 4 for the current channel as Discord does: with the same, still valid token."""
+
+    token = "same-token"
+
+    def announce_server(self, guild_id: int, endpoint: str | None = "same") -> None:
+        assert self.listener is not None
+        target = self.endpoint if endpoint == "same" else endpoint
+        self.listener.on_voice_server_update(
+            VoiceServerUpdate(guild_id=guild_id, token=self.token, endpoint=target)
+        )
+
+
+class SlowResumeServer(RawVoiceServer):
+    """Accepts a Resume only after ``resume_delay`` seconds, so a test can act while the session resumes."""
+
+    resume_delay = 0.5
+
+    async def _handshake(self, conn: RawConnection) -> None:
+        if len(self.connections) == 1:
+            await super()._handshake(conn)
+            return
+        await conn.send(8, {"heartbeat_interval": 5000, "v": 8}, numbered=False)
+        assert (await conn.recv_json())["op"] == 7
+        await asyncio.sleep(self.resume_delay)
+        await conn.send(9, None, numbered=False)
+
+
+async def test_client_join_of_the_current_channel_while_resuming_returns_once_resumed(
+    loop_errors: LoopErrors,
+) -> None:
+    async def script(conn: RawConnection) -> None:
+        if len(conn.server.connections) == 1:
+            await conn.ws.close(4015, "voice server crashed")
+            return
+        while True:
+            await conn.recv_json(within=3600)
+
+    async with SlowResumeServer(script) as server:
+        adapter = SameTokenAdapter(server.endpoint)
+        async with make_voice(adapter, join_timeout=3.0) as voice:
+            session = await voice.join_channel(GUILD, CHANNEL)
+            await wait_until(lambda: session.state is SessionState.RESUMING)
+            # Only Resumed follows (no Ready): the repeated op 4 brings back the same token.
+            assert await voice.join_channel(GUILD, CHANNEL) is session
+            assert session.state is SessionState.READY and session.channel_id == CHANNEL
+            assert session.stats.resumes == 1 and session.stats.reconnects == 0
+            assert len(server.connections) == 2
+
+
+async def test_client_queued_join_fails_once_the_voice_is_closed(loop_errors: LoopErrors) -> None:
+    adapter = FakeAdapter("127.0.0.1:1", answer=False)  # the first join is never answered
+    voice = make_voice(adapter)
+    first = asyncio.ensure_future(voice.join_channel(GUILD, CHANNEL))
+    await wait_until(lambda: adapter.requests == [(GUILD, CHANNEL)])
+    queued = asyncio.ensure_future(voice.join_channel(GUILD, CHANNEL + 1))
+    await asyncio.sleep(0.01)
+    await voice.close()
+    async with asyncio.timeout(1.0):  # not join_timeout: the queued join must not even start
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+    assert isinstance(results[0], DisconnectedError), results
+    assert type(results[1]) is VoiceError and "closed" in str(results[1]), results
+    assert (GUILD, CHANNEL + 1) not in adapter.requests, "no op 4 after close()"
+    assert voice.sessions == {}
+
+
+async def test_client_join_during_a_leave_waits_for_the_leave_to_go_out(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server:
+        adapter = FakeAdapter(server.endpoint)
+        async with make_voice(adapter) as voice:
+            await voice.join_channel(GUILD, CHANNEL)
+            leaving = asyncio.ensure_future(voice.leave(GUILD))
+            await asyncio.sleep(0)  # the leave has begun; its op 4 (channel null) is not out yet
+            assert adapter.requests == [(GUILD, CHANNEL)]
+            session = await voice.join_channel(GUILD, CHANNEL)
+            await leaving
+            # Discord applies op 4s in order: the join's must come last, or the new session is kicked.
+            assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None), (GUILD, CHANNEL)]
+            await asyncio.sleep(0.1)
+            assert session.state is SessionState.READY and voice.session(GUILD) is session
+
+
+async def test_client_leave_ends_a_pending_join_at_once(loop_errors: LoopErrors) -> None:
+    adapter = FakeAdapter("127.0.0.1:1", answer=False)
+    async with make_voice(adapter, join_timeout=30.0) as voice:
+        joining = asyncio.ensure_future(voice.join_channel(GUILD, CHANNEL))
+        await wait_until(lambda: adapter.requests == [(GUILD, CHANNEL)])
+        async with asyncio.timeout(2.0):  # it does not wait for the join's 30 s timeout
+            await voice.leave(GUILD)
+            with pytest.raises(DisconnectedError):
+                await joining
+        assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None)]
+
+
+async def test_client_disconnect_handler_may_join_again(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server:
+        adapter = FakeAdapter(server.endpoint)
+        async with make_voice(adapter) as voice:
+            session = await voice.join_channel(GUILD, CHANNEL)
+            rejoined: list[Session] = []
+
+            async def join_again(event: DisconnectedEvent) -> None:
+                rejoined.append(await voice.join_channel(GUILD, CHANNEL + 1))
+
+            session.on(DisconnectedEvent, join_again)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await voice.leave(GUILD)  # waits for the handler (the session drains its tasks)
+            assert loop.time() - started < 1.0, "the handler's join did not wait on the leave"
+            assert len(rejoined) == 1 and rejoined[0] is not session
+            assert rejoined[0].state is SessionState.READY and rejoined[0].channel_id == CHANNEL + 1
+            assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None), (GUILD, CHANNEL + 1)]

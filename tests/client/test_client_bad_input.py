@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import struct
@@ -16,8 +17,10 @@ import struct
 import pytest
 
 from cordvoice import ResumedEvent, SessionState, Voice, VoiceError
+from cordvoice.gateway.events import parse_voice_server_update
 from cordvoice.reconnect import ReconnectConfig
 from cordvoice.udp.rtp import build_header
+from cordvoice.voicegateway.connection import VoiceGatewayConnection
 from cordvoice.voicegateway.messages import Opcode
 
 from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer
@@ -259,6 +262,26 @@ async def test_client_valid_rtp_from_the_server_reaches_the_receive_hook(loop_er
             assert session.stats.received_per_ssrc == {31337: 5}
         finally:
             await voice.close()
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:99999", "[::1", "127.0.0.1:abc"])
+async def test_client_unusable_endpoint_is_a_voice_error_not_an_internal_one(
+    loop_errors: LoopErrors, caplog: pytest.LogCaptureFixture, endpoint: str
+) -> None:
+    # The main gateway's parser lets these through; URI parsing would raise a bare ValueError on them.
+    parsed = parse_voice_server_update({"token": "t", "guild_id": "1", "endpoint": endpoint})
+    assert parsed.endpoint == endpoint
+    with pytest.raises(VoiceError, match="not a voice endpoint"):
+        await VoiceGatewayConnection.open(endpoint, ssl=False, open_timeout=1.0)
+    config = ReconnectConfig(backoff_base=0.01, backoff_cap=0.02, max_rejoins=1)
+    voice = Voice(FakeAdapter(endpoint), ssl=False, reconnect=config)  # type: ignore[arg-type]
+    try:
+        with caplog.at_level(logging.ERROR, logger="cordvoice"), pytest.raises(VoiceError) as caught:
+            await voice.join_channel(GUILD, CHANNEL)
+        assert "not a voice endpoint" in str(caught.value) and "internal" not in str(caught.value)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no 'internal error' logged"
+    finally:
+        await voice.close()
 
 
 async def test_client_ip_discovery_is_retried(loop_errors: LoopErrors) -> None:

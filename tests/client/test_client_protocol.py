@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cordvoice.errors import InvalidArgumentError
 from cordvoice.udp.crypto import MODE_AES256_GCM, MODE_XCHACHA20_POLY1305
 from cordvoice.voicegateway.connection import voice_gateway_url
 from cordvoice.voicegateway.messages import (
@@ -227,7 +228,17 @@ def test_client_protocol_never_raises_on_random_json(payload: dict[str, object])
         ("wss://x.discord.media:443/", True, "wss://x.discord.media:443/?v=8"),
         ("127.0.0.1:5555", False, "ws://127.0.0.1:5555/?v=8"),
         ("ws://127.0.0.1:5555", False, "ws://127.0.0.1:5555/?v=8"),
+        ("[::1]:5555", False, "ws://[::1]:5555/?v=8"),
     ],
 )
 def test_client_voice_gateway_url(endpoint: str, secure: bool, url: str) -> None:
     assert voice_gateway_url(endpoint, secure=secure) == url
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["", "wss://", "a b:1", "127.0.0.1:99999", "127.0.0.1:abc", "host:0", "[::1", "[nope]:1", "::1", ":80"],
+)
+def test_client_voice_gateway_url_refuses_what_is_not_host_port(endpoint: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="not a voice endpoint"):
+        voice_gateway_url(endpoint)
