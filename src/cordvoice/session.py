@@ -11,8 +11,9 @@ What survives what:
 
 * **resume** (4015, a network drop, three missed heartbeat ACKs): only the WebSocket is new. The UDP socket,
   SSRC, transport key and nonce counter, DAVE state and the transmit lane keep going; audio does not stop.
-* **rejoin** (4004/4006/4009/4011, the gateway session lost) and **move** (a new VOICE_SERVER_UPDATE): a fresh
-  voice session (new socket, SSRC, key, DAVE group). Queued audio waits and continues on the new server.
+* **rejoin** (4004/4006/4009/4011, the gateway session lost) and **move** (a new VOICE_SERVER_UPDATE or
+  channel): a fresh voice session (new socket, SSRC, key, DAVE group). Queued audio waits and continues on the
+  new server.
 * **final** (a kick, 4014/4022 without a move, 4017, 4021, ..., or the reconnect budget spent): exactly one
   :class:`~cordvoice.events.DisconnectedEvent`, no retry.
 
@@ -98,7 +99,8 @@ E = TypeVar("E", bound=SessionEvent)
 _MAX_UNSENT = 32
 """Frames kept for re-sending after a resume (replies that could not go out while the socket died)."""
 _SERVER_UPDATE_GRACE = 0.25
-"""After a rejoin's VOICE_STATE_UPDATE, seconds to wait for a VOICE_SERVER_UPDATE before reusing the token."""
+"""After a rejoin's or a channel move's VOICE_STATE_UPDATE, seconds to wait for a VOICE_SERVER_UPDATE before
+reusing the token."""
 _TICK_INTERVAL = 2.0
 """Seconds between the protocol core's ``tick`` calls on an established connection (DAVE stall recovery)."""
 
@@ -239,6 +241,8 @@ class Session:
         self._state_gen = 0
         self._server_gen = 0
         self._null_server_gen = 0
+        self._session_server_gen = 0
+        """``_server_gen`` when the current voice session was made: later updates are news to it."""
         self._changed = asyncio.Event()
         self._interrupt: _Interrupt | None = None
         self._expect_null_state = 0
@@ -645,6 +649,9 @@ class Session:
         else:
             self._vstate = event
             self._expect_null_state = 0  # any echo of our own leave came before this, on the same socket
+            if self._protocol is not None and event.channel_id != self._channel_id:
+                # Moved: its VOICE_SERVER_UPDATE may already have been acted on (any order, protocol.md §1.2).
+                self._raise_interrupt(_Interrupt.MOVE)
         self._changed.set()
 
     def _on_voice_server(self, event: VoiceServerUpdate) -> None:
@@ -697,8 +704,10 @@ class Session:
             )
 
     async def _lifecycle(self) -> None:
-        await self._await_credentials(after_server_gen=0, within=None)
-        self._new_voice_session()
+        if await self._await_credentials(after_server_gen=0, within=None):
+            self._new_voice_session()
+        else:
+            await self._handle_pending_interrupt()
         resume = False
         while True:
             outcome = await self._connect(resume=resume)
@@ -714,6 +723,11 @@ class Session:
                 continue
             decision = self._policy.decide(outcome, self._loop.time())
             resume = await self._carry_out(decision, outcome)
+
+    async def _handle_pending_interrupt(self) -> None:
+        interrupt = self._take_interrupt()
+        assert interrupt is not None
+        await self._handle_interrupt(interrupt)
 
     async def _handle_interrupt(self, interrupt: _Interrupt) -> None:
         if interrupt is _Interrupt.LEAVE:
@@ -781,16 +795,21 @@ class Session:
         self._reconnects += 1
         if action is ReconnectAction.REJOIN and not await self._rejoin(decision.attempt):
             return False
-        await self._ensure_credentials()
-        self._new_voice_session()
+        if await self._ensure_credentials():
+            self._new_voice_session()
+        else:
+            await self._handle_pending_interrupt()
         return False
 
-    async def _ensure_credentials(self) -> None:
-        """Usable credentials for a fresh Identify, waiting ``server_wait`` for them if need be."""
-        if self._have_credentials(-1):
-            return
+    async def _ensure_credentials(self) -> bool:
+        """Usable credentials for a fresh Identify, waiting ``server_wait`` for them if need be.
+
+        False if the main gateway lost its session meanwhile (see :meth:`_await_credentials`).
+        """
         try:
-            await self._await_credentials(after_server_gen=-1, within=self.config.reconnect.server_wait)
+            return await self._await_credentials(
+                after_server_gen=-1, within=self.config.reconnect.server_wait
+            )
         except TimeoutError:
             message = "Discord gave no voice server to connect to in time."
             raise _Final(message, None, DisconnectedError(message)) from None
@@ -798,9 +817,15 @@ class Session:
     # ---- waiting for the main gateway ---------------------------------------------------------------------
 
     async def _await_credentials(self, *, after_server_gen: int, within: float | None) -> bool:
-        """Wait for a voice state in a channel and a VOICE_SERVER_UPDATE newer than ``after_server_gen``."""
+        """Wait for a voice state in a channel and a VOICE_SERVER_UPDATE newer than ``after_server_gen``.
+
+        False, with the GATEWAY_LOST interrupt left pending, if the main gateway lost its session first: what
+        was awaited (or the op 4 that asked for it) died with that session, so the caller must rejoin.
+        """
         async with asyncio.timeout(within):
             while not self._have_credentials(after_server_gen):
+                if self._interrupt is _Interrupt.GATEWAY_LOST:
+                    return False
                 await self._wait_changed()
         return True
 
@@ -876,7 +901,7 @@ class Session:
         )
         try:
             # Any VOICE_SERVER_UPDATE with an endpoint after the null one (it may already be here).
-            await self._await_credentials(
+            found = await self._await_credentials(
                 after_server_gen=self._null_server_gen, within=self.config.reconnect.server_wait
             )
         except TimeoutError:
@@ -884,11 +909,21 @@ class Session:
             final = self._policy.move_wait_expired(end)
             assert final.error is not None
             raise _Final(final.reason, None, final.error) from None
-        self._take_interrupt()
-        await self._start_move()
+        if found:
+            await self._start_move()
+        else:
+            await self._handle_pending_interrupt()
 
     async def _start_move(self) -> None:
-        """A new VOICE_SERVER_UPDATE (and maybe channel): a fresh voice session there."""
+        """A new VOICE_SERVER_UPDATE or channel: a fresh voice session there."""
+        if self._server_gen == self._session_server_gen:
+            # Only the channel changed so far. Discord issues a new token with every channel change, in
+            # either order: give it a moment rather than connect twice.
+            generation = self._server_gen
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SERVER_UPDATE_GRACE):
+                    while self._server_gen == generation and self._interrupt is None:
+                        await self._wait_changed()
         if not self._have_credentials(self._null_server_gen):
             await self._wait_for_server()  # the latest update says "no server yet"
             return
@@ -951,11 +986,6 @@ class Session:
             async with asyncio.timeout(min(_SERVER_UPDATE_GRACE, timeout)):
                 while not self._have_credentials(generation):
                     await self._wait_changed()
-        self._take_interrupt_if_move()
-
-    def _take_interrupt_if_move(self) -> None:
-        if self._interrupt is _Interrupt.MOVE:
-            self._interrupt = None
 
     # ---- one voice session ------------------------------------------------------------------------------
 
@@ -979,6 +1009,9 @@ class Session:
         self._unsent = []
         self._creds_endpoint = vserver.endpoint
         self._creds_token = vserver.token
+        self._session_server_gen = self._server_gen
+        if self._interrupt in (_Interrupt.MOVE, _Interrupt.SERVER_LOST):
+            self._interrupt = None  # news these credentials already include
 
     def _fold_protocol_stats(self) -> None:
         old = self._protocol
@@ -1011,7 +1044,6 @@ class Session:
             logger.info("guild %d: %s", self.guild_id, exc)
             return ConnectionEnd(EndKind.NETWORK, reason=str(exc), established=protocol.established)
         self._conn = conn
-        self._udp_failed = False
         outcome: _Outcome = ConnectionEnd(EndKind.NETWORK, established=protocol.established)
         try:
             if self._interrupt is None:
@@ -1098,6 +1130,9 @@ class Session:
             self._session_described(output, protocol)
             return True
         elif isinstance(output, ResumedReceived):
+            if self._udp_failed:
+                # It died while no WebSocket was up to end: a resume would keep the dead socket.
+                raise _UdpFailed("the UDP socket failed while the voice WebSocket was down")
             unsent, self._unsent = self._unsent, []
             for frame in unsent:
                 await conn.send(frame)
@@ -1142,6 +1177,7 @@ class Session:
         except VoiceError as exc:
             raise _UdpFailed(str(exc)) from exc
         self._udp = udp
+        self._udp_failed = False
         udp.receive_hook = self._receive_hook
         udp.on_lost = self._udp_lost
         try:
@@ -1185,7 +1221,7 @@ class Session:
             self._joined.set_result(None)
 
     def _udp_lost(self, exc: Exception | None) -> None:
-        """The UDP socket died on its own: end the connection; the policy rejoins."""
+        """The UDP socket died on its own: end the connection, or fail the next resume; the policy rejoins."""
         self._udp_failed = True
         self._lane.detach()
         conn = self._conn
@@ -1199,6 +1235,7 @@ class Session:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+        self._udp_failed = False
         self._ssrc_users.clear()
 
     # ---- sending helpers ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -28,6 +28,7 @@ from cordvoice import (
 )
 from cordvoice.emulator import MediaEndpoint, VoiceServerConfig
 from cordvoice.emulator.sfu import Address
+from cordvoice.udp.connection import UdpConnection
 from cordvoice.udp.rtp import OPUS_SILENCE
 
 from .conftest import LoopErrors, VoiceWorld, opus_frames, voice_world, wait_until
@@ -143,6 +144,48 @@ async def test_client_resume_keeps_ssrc_and_audio(world: VoiceWorld, how: str) -
         assert emu.inspect(bot.user_id).rtp.lost == 0
 
 
+async def test_client_udp_lost_while_the_websocket_is_down_is_not_resumed(
+    world: VoiceWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[UdpConnection] = []
+    open_udp = UdpConnection.open
+
+    async def recording_open(host: str, port: int, **kwargs: Any) -> UdpConnection:
+        udp = await open_udp(host, port, **kwargs)
+        opened.append(udp)
+        return udp
+
+    monkeypatch.setattr(UdpConnection, "open", recording_open)
+    emu, bot = world.emu, world.bot
+    session, listener = await joined_with_listener(world)
+    server = emu.voice_server(guild_id=world.guild.id)
+    events = record(session)
+
+    def udp_dies(event: ReconnectingEvent) -> None:
+        if event.action is ReconnectAction.RESUME:
+            # The socket fails by itself (the loop aborts its transport) while no WebSocket is up.
+            transport = opened[-1]._transport
+            assert transport is not None
+            transport.abort()
+
+    session.on(ReconnectingEvent, udp_dies)
+    frames = opus_frames(120, voice=7)
+    streamer = Streamer(session, frames).start()
+    await streamer.wait_written(30)
+    ready_soon = expect(session, ReadyEvent)
+    await server.close_client(bot.user_id, 4015, "voice server crashed")
+    await ready_soon
+    actions = [e.action for e in events if isinstance(e, ReconnectingEvent)]
+    assert actions == [ReconnectAction.RESUME, ReconnectAction.REJOIN], "a resume would keep the dead socket"
+    assert "ResumedEvent" not in kinds(events)
+    assert len(opened) == 2 and opened[0].closed and not opened[1].closed
+    await wait_until(lambda: session.dave_ready, 10)
+    await streamer.finish()
+    await wait_until(lambda: listener.payloads_from(bot.user_id)[-1:] == [frames[-1]], 10)
+    assert streamer.error is None and session.state is SessionState.READY
+    assert session.stats.reconnects == 1
+
+
 async def test_client_three_withheld_acks_lead_to_a_resume(loop_errors: LoopErrors) -> None:
     config = VoiceServerConfig(heartbeat_interval_ms=40.0, heartbeat_timeout=5.0)
     async with voice_world(voice_config=config) as world:
@@ -213,6 +256,25 @@ async def test_client_rejoins_when_the_gateway_session_is_lost(world: VoiceWorld
     assert world.client.session_id != gateway_session
     assert emu.state.voice_state(world.guild.id, bot.user_id) is not None
     assert session.state is SessionState.READY
+
+
+async def test_client_gateway_session_lost_while_waiting_for_a_server_rejoins(world: VoiceWorld) -> None:
+    emu = world.emu
+    session = await world.voice.join_channel(world.guild.id, world.channel.id)
+    events = record(session)
+    gateway_session = world.client.session_id
+    assert gateway_session is not None
+    ready_soon = expect(session, ReadyEvent)
+    emu.announce_voice_server_lost(world.guild.id)  # and no new server follows unasked
+    await wait_until(lambda: session.state is SessionState.RECONNECTING)
+    emu.main_gateway.invalidate_session(gateway_session, resumable=False)
+    # Op 4 on the new gateway session brings a server; without it the session would wait out server_wait.
+    ready = await ready_soon
+    assert ready.channel_id == world.channel.id and session.state is SessionState.READY
+    actions = [e.action for e in events if isinstance(e, ReconnectingEvent)]
+    # More than one rejoin when the client waits longer than rejoin_timeout before identifying again.
+    assert actions[0] is ReconnectAction.WAIT_FOR_SERVER and set(actions[1:]) == {ReconnectAction.REJOIN}
+    assert "DisconnectedEvent" not in kinds(events)
 
 
 async def test_client_bug_close_rejoins_once_then_gives_up(world: VoiceWorld) -> None:

@@ -153,8 +153,12 @@ async def test_client_join_is_fast_and_idempotent(world: VoiceWorld) -> None:
     print(f"join took {elapsed * 1000:.1f} ms")
 
 
-async def test_client_move_between_channels_keeps_the_session(world: VoiceWorld) -> None:
+@pytest.mark.parametrize("server_update_first", [False, True])
+async def test_client_move_between_channels_keeps_the_session(
+    world: VoiceWorld, server_update_first: bool
+) -> None:
     emu = world.emu
+    emu.main_gateway.hub.voice_server_update_first = server_update_first  # protocol.md §1.2: any order
     other = emu.create_voice_channel(world.guild.id, "Other")
     listener = await emu.add_participant(other.id, name="other-listener")
     session = await world.voice.join_channel(world.guild.id, world.channel.id)
