@@ -283,6 +283,7 @@ class Session:
         self._joined: asyncio.Future[None] = self._loop.create_future()
         self._joined.add_done_callback(_consume_exception)
         self._final: DisconnectedEvent | None = None
+        self._ending = False
         self._closed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._leaving: asyncio.Task[None] | None = None
@@ -382,6 +383,12 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._final is not None
+
+    @property
+    def ending(self) -> bool:
+        """True once the session has decided to end, while it may still be closing sockets or leaving the
+        channel (its op 4 with no channel not sent yet); :attr:`closed` follows."""
+        return self._ending or self._final is not None
 
     @property
     def disconnected_event(self) -> DisconnectedEvent | None:
@@ -1275,6 +1282,7 @@ class Session:
 
     async def _teardown(self, *, leave_channel: bool) -> None:
         """Close the socket, UDP and lane; optionally tell the main gateway we left (op 4 null)."""
+        self._ending = True
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.aclose_quietly(1000)

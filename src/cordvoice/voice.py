@@ -147,6 +147,10 @@ class Voice:
                 # Discord applies op 4s in order: our join must not overtake the leave's channel null.
                 await leaving.wait_closed()
             existing = self._sessions.get(guild_id)
+            if existing is not None and existing.ending and not existing.closed:
+                # It ended on its own and may still be leaving the channel: let its op 4 go out first,
+                # then join afresh (a move on a session that is going away would fail).
+                await existing.wait_closed()
             if existing is not None and not existing.closed:
                 return await self._move(existing, channel_id, self_mute, self_deaf, wait)
             return await self._join(guild_id, channel_id, self_mute, self_deaf, wait)

@@ -361,3 +361,42 @@ async def test_client_disconnect_handler_may_join_again(loop_errors: LoopErrors)
             assert len(rejoined) == 1 and rejoined[0] is not session
             assert rejoined[0].state is SessionState.READY and rejoined[0].channel_id == CHANNEL + 1
             assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None), (GUILD, CHANNEL + 1)]
+
+
+class SlowLeaveAdapter(FakeAdapter):
+    """Holds every op 4 with no channel until ``release`` is set, as a busy main gateway would."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.release = asyncio.Event()
+
+    async def update_voice_state(
+        self, guild_id: int, channel_id: int | None, *, self_mute: bool = False, self_deaf: bool = False
+    ) -> None:
+        if channel_id is None:
+            await self.release.wait()
+        await super().update_voice_state(guild_id, channel_id, self_mute=self_mute, self_deaf=self_deaf)
+
+
+async def test_client_join_while_a_session_ends_on_its_own_joins_afresh(loop_errors: LoopErrors) -> None:
+    async def rate_limit_the_first(conn: RawConnection) -> None:
+        if len(conn.server.connections) == 1:
+            await conn.ws.close(4021, "rate limited")  # final: the session ends and leaves the channel
+        else:
+            await conn.recv_json(within=3600)
+
+    async with RawVoiceServer(rate_limit_the_first) as server:
+        adapter = SlowLeaveAdapter(server.endpoint)
+        async with make_voice(adapter) as voice:
+            first = await voice.join_channel(GUILD, CHANNEL)
+            await wait_until(lambda: first.ending)
+            assert not first.closed, "still leaving: its op 4 with no channel is held"
+            joining = asyncio.ensure_future(voice.join_channel(GUILD, CHANNEL))
+            await asyncio.sleep(0.05)
+            assert not joining.done(), "the join waits for the ending session's leave to go out"
+            adapter.release.set()
+            second = await joining
+            assert second is not first and second.state is SessionState.READY
+            assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None), (GUILD, CHANNEL)]
+            final = first.disconnected_event
+            assert final is not None and final.close_code == 4021
