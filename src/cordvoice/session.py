@@ -44,6 +44,7 @@ from cordvoice.errors import (
     DisconnectedError,
     GatewayError,
     InvalidArgumentError,
+    ProtocolError,
     VoiceError,
 )
 from cordvoice.events import (
@@ -74,6 +75,7 @@ from cordvoice.voicegateway.protocol import (
     HeartbeatAcked,
     HelloReceived,
     Malformed,
+    NoUsableMode,
     Output,
     PeerDisconnected,
     PeersConnected,
@@ -1162,6 +1164,9 @@ class Session:
             self._verification_cache.clear()
             self._emit(DaveEpochEvent(self.guild_id, output.epoch, output.privacy_code))
             self._lane.wake_if_pending()  # DAVE may have become ready
+        elif isinstance(output, NoUsableMode):
+            # Every server of this deployment offers the same modes: retrying cannot help.
+            raise _Final(output.error, None, ProtocolError(output.error))
         elif isinstance(output, HeartbeatAcked | Malformed):
             pass
         return False

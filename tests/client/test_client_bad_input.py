@@ -17,6 +17,7 @@ import struct
 import pytest
 
 from cordvoice import ResumedEvent, SessionState, Voice, VoiceError
+from cordvoice.errors import ProtocolError
 from cordvoice.gateway.events import parse_voice_server_update
 from cordvoice.reconnect import ReconnectConfig
 from cordvoice.udp.rtp import build_header
@@ -331,6 +332,27 @@ async def test_client_handshake_that_never_completes_ends_clearly(loop_errors: L
                 await voice.join_channel(GUILD, CHANNEL)
             assert "Gave up after 2 attempts" in str(caught.value)
             assert len(server.connections) == 3
+        finally:
+            await voice.close()
+
+
+async def test_client_ready_without_a_usable_mode_ends_the_join_at_once(loop_errors: LoopErrors) -> None:
+    async def script(conn: RawConnection) -> None:
+        await conn.send(8, {"heartbeat_interval": 5000, "v": 8}, numbered=False)
+        await conn.recv_json()  # Identify
+        await conn.send(2, {"ssrc": 1, "ip": "127.0.0.1", "port": 9, "modes": ["xsalsa20_poly1305"]})
+        while True:
+            await conn.recv_json(within=3600)
+
+    async with RawVoiceServer(script, handshake=False) as server:
+        voice, adapter = await voice_on_raw(server, handshake_timeout=30.0)
+        try:
+            async with asyncio.timeout(3):  # not the 30 s handshake timeout, and no retries
+                with pytest.raises(ProtocolError) as caught:
+                    await voice.join_channel(GUILD, CHANNEL)
+            assert "no supported transport mode" in str(caught.value)
+            assert len(server.connections) == 1
+            assert adapter.requests[-1] == (GUILD, None), "left the channel"
         finally:
             await voice.close()
 

@@ -28,6 +28,7 @@ from cordvoice.voicegateway.protocol import (
     HeartbeatAcked,
     HelloReceived,
     Malformed,
+    NoUsableMode,
     PeerDisconnected,
     PeersConnected,
     PeerSpeaking,
@@ -148,7 +149,8 @@ def test_client_protocol_mode_choice(modes: tuple[str, ...], chosen: str) -> Non
 def test_client_protocol_rejects_handshake_nonsense() -> None:
     protocol = make()
     (out,) = protocol.receive(ready_frame(("xsalsa20_poly1305",)), 0.0)
-    assert isinstance(out, Malformed) and "no supported transport mode" in out.error
+    assert isinstance(out, NoUsableMode) and "no supported transport mode" in out.error
+    assert protocol.ready is None and protocol.malformed == 0, "not malformed: unusable, which ends the join"
     description = encode_server(SessionDescription(mode=MODE_AES256_GCM, secret_key=KEY), 2)
     (out,) = make().receive(description, 0.0)
     assert isinstance(out, Malformed), "Session Description before Ready"

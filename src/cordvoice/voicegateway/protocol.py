@@ -74,6 +74,7 @@ __all__ = [
     "HeartbeatAcked",
     "HelloReceived",
     "Malformed",
+    "NoUsableMode",
     "Output",
     "PeerDisconnected",
     "PeerSpeaking",
@@ -173,6 +174,13 @@ class HeartbeatAcked:
 
 
 @dataclass(frozen=True, slots=True)
+class NoUsableMode:
+    """Ready offered no transport mode this client supports: no connection to this server can work."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class Malformed:
     """A server frame the client could not use; it was dropped and counted."""
 
@@ -190,6 +198,7 @@ Output: TypeAlias = (
     | PeerDisconnected
     | DaveEpoch
     | HeartbeatAcked
+    | NoUsableMode
     | Malformed
 )
 
@@ -381,7 +390,10 @@ class VoiceGatewayProtocol:
     def _ready(self, message: Ready) -> list[Output]:
         if self.ready is not None:
             raise ProtocolError("op 2 Ready arrived twice in one voice session")
-        mode = choose_mode(message.modes)
+        try:
+            mode = choose_mode(message.modes)
+        except ProtocolError as exc:
+            return [NoUsableMode(str(exc))]
         self.ready = message
         self.mode = mode
         return [ReadyReceived(message, mode)]
