@@ -26,6 +26,20 @@ from cordvoice.udp.crypto import MODE_AES256_GCM, TransportCipher, make_cipher
 Script = Callable[["RawConnection"], Awaitable[None]]
 
 
+def close_first(count: int, code: int, reason: str) -> Script:
+    """A script that closes each of the first ``count`` connections with ``code`` after the handshake and
+    keeps every later one open."""
+
+    async def script(conn: RawConnection) -> None:
+        if len(conn.server.connections) <= count:
+            await conn.ws.close(code, reason)
+            return
+        while True:  # the connection lives as long as the handler
+            await conn.recv_json(within=3600)
+
+    return script
+
+
 @dataclass
 class RawConnection:
     """One client socket on the raw server, after (or instead of) the handshake."""

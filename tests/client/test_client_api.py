@@ -23,7 +23,7 @@ from cordvoice import (
 )
 from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
 
-from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer
+from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer, close_first
 from .conftest import FAST_RECONNECT, LoopErrors, wait_until
 
 GUILD, CHANNEL, OTHER_CHANNEL = 5, 6, 7
@@ -200,13 +200,7 @@ async def test_client_move_with_the_server_update_before_the_state_update(loop_e
 async def test_client_second_rejoin_leaves_and_joins_without_taking_its_echo_for_a_kick(
     loop_errors: LoopErrors,
 ) -> None:
-    async def script(conn: RawConnection) -> None:
-        if len(conn.server.connections) <= 2:
-            await conn.ws.close(4006, "session no longer valid")
-            return
-        while True:
-            await conn.recv_json(within=3600)
-
+    script = close_first(2, 4006, "session no longer valid")
     async with RawVoiceServer(script) as server:
         adapter = FakeAdapter(server.endpoint)
         async with make_voice(adapter) as voice:
@@ -226,13 +220,7 @@ async def test_client_second_rejoin_leaves_and_joins_without_taking_its_echo_for
 
 
 async def test_client_replies_lost_with_the_socket_are_sent_after_the_resume(loop_errors: LoopErrors) -> None:
-    async def script(conn: RawConnection) -> None:
-        if len(conn.server.connections) == 1:
-            await conn.ws.close(4015, "crashed right after Session Description")
-            return
-        while True:
-            await conn.recv_json(within=3600)
-
+    script = close_first(1, 4015, "crashed right after Session Description")
     async with (
         RawVoiceServer(script, dave_version=1) as server,
         make_voice(FakeAdapter(server.endpoint)) as voice,
@@ -280,13 +268,7 @@ class SlowResumeServer(RawVoiceServer):
 async def test_client_join_of_the_current_channel_while_resuming_returns_once_resumed(
     loop_errors: LoopErrors,
 ) -> None:
-    async def script(conn: RawConnection) -> None:
-        if len(conn.server.connections) == 1:
-            await conn.ws.close(4015, "voice server crashed")
-            return
-        while True:
-            await conn.recv_json(within=3600)
-
+    script = close_first(1, 4015, "voice server crashed")
     async with SlowResumeServer(script) as server:
         adapter = SameTokenAdapter(server.endpoint)
         async with make_voice(adapter, join_timeout=3.0) as voice:
@@ -379,13 +361,8 @@ class SlowLeaveAdapter(FakeAdapter):
 
 
 async def test_client_join_while_a_session_ends_on_its_own_joins_afresh(loop_errors: LoopErrors) -> None:
-    async def rate_limit_the_first(conn: RawConnection) -> None:
-        if len(conn.server.connections) == 1:
-            await conn.ws.close(4021, "rate limited")  # final: the session ends and leaves the channel
-        else:
-            await conn.recv_json(within=3600)
-
-    async with RawVoiceServer(rate_limit_the_first) as server:
+    # 4021 is final: the session ends and leaves the channel.
+    async with RawVoiceServer(close_first(1, 4021, "rate limited")) as server:
         adapter = SlowLeaveAdapter(server.endpoint)
         async with make_voice(adapter) as voice:
             first = await voice.join_channel(GUILD, CHANNEL)
