@@ -122,7 +122,12 @@ def test_client_protocol_heartbeats_acks_latency_and_zombie() -> None:
         nonces.append(json.loads(frame)["d"]["t"])
     assert len(set(nonces)) == MAX_UNACKED_HEARTBEATS
     assert protocol.heartbeat(200.0) is None, "three unanswered heartbeats: a zombie connection"
-    protocol.receive(json.dumps({"op": 6, "d": {"t": nonces[-1]}}), 200.0)
+    protocol.receive(json.dumps({"op": 6, "d": {"t": nonces[0]}}), 200.0)
+    assert protocol.unacked_heartbeats == MAX_UNACKED_HEARTBEATS - 1, "an older ACK answers only the older"
+    assert protocol.heartbeat(200.5) is not None
+    assert protocol.heartbeat(200.6) is None, "the newer ones are still unanswered"
+    protocol.receive(json.dumps({"op": 6, "d": {"t": nonces[-1]}}), 201.0)
+    assert protocol.unacked_heartbeats == 1, "the one sent after it is still in flight"
     assert protocol.heartbeat(201.0) is not None
     protocol.connection_opened()
     assert protocol.unacked_heartbeats == 0

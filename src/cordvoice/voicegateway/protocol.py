@@ -379,10 +379,11 @@ class VoiceGatewayProtocol:
         if sent_at is None:
             self.ignored[6] += 1  # an ACK for nothing we have in flight: stale, or a confused server
             return []
-        # Older heartbeats still in flight are answered implicitly: the socket is alive.
+        # Older heartbeats still in flight are answered implicitly: the socket is alive. Newer ones are not,
+        # so they still count towards a zombie connection.
         for older in [n for n in self._in_flight if n < nonce]:
             del self._in_flight[older]
-        self._unacked = 0
+        self._unacked = len(self._in_flight)
         self.heartbeats_acked += 1
         self.latency = max(0.0, now - sent_at)
         return [HeartbeatAcked(self.latency)]
