@@ -7,6 +7,7 @@ import logging
 import davey
 import pytest
 
+from cordvoice.bench.dave_group import DaveGroup, client_call
 from cordvoice.dave import (
     OPUS_SILENCE,
     DaveClient,
@@ -18,6 +19,7 @@ from cordvoice.dave import (
     is_dave_frame,
 )
 from cordvoice.emulator import mls
+from cordvoice.emulator.dave_ds import SendAnnounceCommit
 from cordvoice.errors import DaveDecryptError, DaveKeyPendingError
 
 from .dave_harness import CHANNEL_ID, Harness
@@ -306,3 +308,34 @@ def test_a_pending_own_commit_keeps_the_established_group_usable() -> None:
     frame = a.encrypt(OPUS)
     assert frame is not None and frame != OPUS
     assert b.decrypt(1, frame) == OPUS
+
+
+def test_a_commit_executed_after_a_downgrade_keeps_version_zero() -> None:
+    # Group {1, 2, 3}. The server prepares a downgrade (op 21, version 0); before it executes, member 3
+    # leaves and the Remove commit (op 29) reaches member 1. The downgrade executes first, then the commit.
+    # A commit asks for no version change, so it must not bring DAVE back.
+    group = DaveGroup()
+    for user_id in (1, 2, 3):
+        group.join(user_id)
+    group.settle()
+    client = group.clients[1]
+    group.hold(1)
+    group.leave(3)
+    group.settle()
+    assert client.on_prepare_transition(50, 0) == [SendTransitionReady(50)]
+    commit_transition = None
+    inbox = group._inbox[1]
+    while inbox:
+        kind, payload = inbox.popleft()
+        if kind == "ds":
+            method, args = client_call(payload)
+            getattr(client, method)(*args)
+            if isinstance(payload, SendAnnounceCommit):
+                commit_transition = payload.transition_id
+    assert commit_transition is not None
+    assert client.pending_transitions == {50: 0, commit_transition: None}
+    client.on_execute_transition(50)
+    client.on_execute_transition(commit_transition)
+    assert client.protocol_version == 0 and client.encryptor is None
+    frame = b"\x78" + bytes(40)
+    assert client.encrypt(frame) == frame

@@ -181,7 +181,9 @@ class DaveClient:
         self._channel_id = 0
         self._external_sender: bytes | None = None
         self._recognized: set[int] = set()
-        self._pending_transitions: dict[int, int] = {}
+        self._pending_transitions: dict[int, int | None] = {}
+        """Transitions acknowledged and not yet executed: the protocol version an op 21 moves to, or None for
+        a commit or welcome (ops 29/30), which keeps whatever version is current when it executes."""
         self._ready = False
         self._reported_epoch: int | None = None
         self._plain_peers_possible = False
@@ -249,7 +251,7 @@ class DaveClient:
         return frozenset(self._recognized)
 
     @property
-    def pending_transitions(self) -> dict[int, int]:
+    def pending_transitions(self) -> dict[int, int | None]:
         return dict(self._pending_transitions)
 
     def verification_code(self, user_id: int) -> str | None:
@@ -570,11 +572,13 @@ class DaveClient:
                 UPGRADE_PASSTHROUGH_S,
             )
         if transition_id != 0:
-            self._pending_transitions[transition_id] = self._protocol_version or 0
+            self._pending_transitions[transition_id] = None
             out.append(SendTransitionReady(transition_id))
 
     def _execute(self, transition_id: int, out: list[DaveAction]) -> None:
-        version = self._pending_transitions.pop(transition_id, self._protocol_version or 0)
+        version = self._pending_transitions.pop(transition_id, None)
+        if version is None:  # a commit or welcome: a downgrade executed meanwhile must not be undone
+            version = self._protocol_version or 0
         previous = self._protocol_version
         self._protocol_version = version
         if version == 0 and previous:
