@@ -363,6 +363,7 @@ class TransmitLane:
         if self.sender is not None and self.sender is self._idle_sender and self._idle_since is not None:
             self.sender.skip(self._frames_since(self._idle_since))
         self._idle_since = None
+        self._next_deadline = 0.0  # the idle time is skipped above: the first tick must not count it again
         self._empty_ticks = 0
         self.stats.activations += 1
         weight = getattr(self.provider, "tick_weight", 1)
@@ -523,12 +524,10 @@ class TransmitLane:
                 waiter.set_result(None)
 
     def _tick_failed(self, exc: BaseException) -> None:
-        # The clock already unsubscribed us and logged the traceback; leave the lane restartable.
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            self._absorb(sub)
+        # The clock already unsubscribed us and logged the traceback. Go idle as after the silence tail
+        # (speaking off, the idle time kept on the RTP timestamp), so the next write restarts cleanly.
         self.stats.dropped += 1
-        self._idle_since = self._clock.time()
+        self._go_idle()
         self._release_stop_waiters()
         logger.error("the transmit lane stopped after an error (%s); the next write restarts it", exc)
 
