@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from cordvoice.emulator import Emulator
 from cordvoice.errors import GatewayError, InvalidArgumentError
@@ -15,13 +20,27 @@ from .conftest import Recorder, World, build_world
 
 
 def make_client(world: World, **kwargs: Any) -> Client:
-    return Client(
-        world.bot.token,
-        gateway_url=world.emu.gateway_url,
-        api_base=world.emu.api_base,
-        backoff_base=0.01,
-        **kwargs,
-    )
+    kwargs.setdefault("backoff_base", 0.01)
+    return Client(world.bot.token, gateway_url=world.emu.gateway_url, api_base=world.emu.api_base, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def scripted_gateway(guilds: list[Any], *after_ready: str) -> AsyncIterator[str]:
+    """A main gateway that says Hello, takes the Identify, sends READY with ``guilds``, then the raw frames
+    ``after_ready`` (what the emulator never sends); yields its URL."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"op": 10, "d": {"heartbeat_interval": 45000}}))
+        await ws.recv()
+        ready = {"session_id": "abc", "user": {"id": "1234567890"}, "guilds": guilds}
+        await ws.send(json.dumps({"op": 0, "s": 1, "t": "READY", "d": ready}))
+        for frame in after_ready:
+            await ws.send(frame)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 async def test_login_fills_the_guild_cache(world: World) -> None:
@@ -305,3 +324,131 @@ async def test_client_shutdown_leaves_no_tasks(world: World) -> None:
         await client.update_voice_state(world.guild.id, world.channel.id)
     await asyncio.sleep(0)
     assert asyncio.all_tasks() - before == set()
+
+
+async def test_a_drop_while_identifying_after_an_invalid_session_reconnects(world: World) -> None:
+    # backoff_base 0.3: the client waits 0.3-1.5 s after op 9 before its Identify, on a socket cut meanwhile.
+    async with make_client(world, backoff_base=0.3) as client:
+        old = client.session_id
+        assert old is not None
+        world.emu.main_gateway.invalidate_session(old)
+        async with asyncio.timeout(5):
+            while client.is_ready:
+                await asyncio.sleep(0.01)
+        await world.emu.main_gateway.drop(user_id=world.bot.user_id)
+        async with asyncio.timeout(8):
+            while not client.is_ready or client.session_id in (None, old):
+                await asyncio.sleep(0.02)
+        # Three Identify attempts, the one in the middle on the cut socket; two reached the emulator.
+        assert client.stats.identifies == 3 and client.stats.connects == 2
+        assert world.emu.main_gateway.stats.identifies == 2
+
+
+async def test_without_reconnect_a_drop_ends_the_client_and_wakes_a_waiting_caller(world: World) -> None:
+    client = make_client(world, backoff_base=0.3, reconnect=False, request_timeout=30.0)
+    await client.start()
+    try:
+        assert client.session_id is not None
+        world.emu.main_gateway.invalidate_session(client.session_id)
+        async with asyncio.timeout(5):
+            while client.is_ready:
+                await asyncio.sleep(0.01)
+        pending = asyncio.create_task(client.update_voice_state(world.guild.id, world.channel.id))
+        await world.emu.main_gateway.drop(user_id=world.bot.user_id)
+        # The Identify fails on the cut socket: the client stops, and the waiting caller hears of it at once.
+        async with asyncio.timeout(5):
+            with pytest.raises(GatewayError, match="closed"):
+                await pending
+            with pytest.raises(GatewayError, match="reconnect=False"):
+                await client.wait_closed()
+    finally:
+        await client.close()
+
+
+async def test_a_caller_waiting_for_readiness_fails_at_once_on_close(world: World) -> None:
+    client = make_client(world, backoff_base=1.0, request_timeout=30.0)
+    await client.start()
+    assert client.session_id is not None
+    world.emu.main_gateway.invalidate_session(client.session_id)  # not ready for 1-5 s
+    async with asyncio.timeout(5):
+        while client.is_ready:
+            await asyncio.sleep(0.01)
+    pending = asyncio.create_task(client.update_voice_state(world.guild.id, world.channel.id))
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    async with asyncio.timeout(1):
+        await client.close()
+        with pytest.raises(GatewayError, match="closed"):
+            await pending
+
+
+async def test_an_unexpected_failure_stops_the_client_with_a_gateway_error(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_client(world) as client:
+
+        def broken(event: object) -> None:
+            raise RuntimeError("a bug in a dispatch handler")
+
+        monkeypatch.setattr(client, "_on_dispatch", broken)
+        world.emu.create_voice_channel(world.guild.id, "Third")  # CHANNEL_CREATE
+        async with asyncio.timeout(5):
+            with pytest.raises(GatewayError, match="a bug in a dispatch handler"):
+                await client.wait_closed()
+
+
+async def test_concurrent_voice_state_updates_respect_the_send_limit(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    hub = world.emu.main_gateway.hub
+    arrivals: list[float] = []
+    original = hub.request_voice_state
+
+    def spy(session: Any, data: object) -> None:
+        arrivals.append(loop.time())
+        original(session, data)
+
+    monkeypatch.setattr(hub, "request_voice_state", spy)
+    limit, period = 3, 0.5
+    async with make_client(world, send_limit=(limit, period)) as client:
+        channels = [world.channel.id, world.other_channel.id]
+        await asyncio.gather(*(client.update_voice_state(world.guild.id, channels[i % 2]) for i in range(6)))
+        async with asyncio.timeout(5):
+            while len(arrivals) < 6:
+                await asyncio.sleep(0.01)
+    # Callers that wait together must not all take the one freed slot: no window of ``period`` (less a margin
+    # for delivery jitter) holds more than ``limit`` op 4s.
+    busiest = max(sum(1 for u in arrivals if t <= u < t + period * 0.8) for t in arrivals)
+    assert busiest <= limit, [round(t - arrivals[0], 3) for t in arrivals]
+
+
+def test_send_limit_is_validated() -> None:
+    for bad in ((0, 60.0), (10, 0.0), (10, float("nan"))):
+        with pytest.raises(InvalidArgumentError):
+            Client("token", gateway_url="ws://127.0.0.1:1", send_limit=bad)
+
+
+async def test_a_deeply_nested_message_is_dropped_and_the_client_goes_on() -> None:
+    nested = '{"op":0,"s":2,"t":"X","d":' + "[" * 200_000 + "]" * 200_000 + "}"
+    guild = {"id": "5", "name": "g", "channels": [], "voice_states": []}
+    after = json.dumps({"op": 0, "s": 3, "t": "GUILD_CREATE", "d": guild})
+    async with scripted_gateway([], nested, after) as url, Client("token", gateway_url=url) as client:
+        async with asyncio.timeout(5):
+            while 5 not in client.guilds:
+                await asyncio.sleep(0.01)
+        assert client.stats.malformed_messages == 1
+        assert client.is_ready and client.stats.connects == 1
+
+
+async def test_ready_with_a_malformed_guild_entry_still_becomes_ready() -> None:
+    guilds = [{"id": "not-a-snowflake", "unavailable": True}, "junk", {"id": "5", "unavailable": True}]
+    guild = {"id": "5", "name": "g", "channels": [], "voice_states": []}
+    create = json.dumps({"op": 0, "s": 2, "t": "GUILD_CREATE", "d": guild})
+    async with scripted_gateway(guilds, create) as url:
+        client = Client("token", gateway_url=url, ready_timeout=2.0, guild_ready_timeout=2.0)
+        async with client:
+            assert client.is_ready and client.user_id == 1234567890
+            # The good entry still counts: start() waited for its GUILD_CREATE.
+            assert 5 in client.guilds
+            assert client.stats.malformed_messages == 2

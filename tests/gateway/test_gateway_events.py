@@ -1,4 +1,4 @@
-"""Parsing the main gateway's voice dispatches: valid shapes, Discord's quirks, and hostile input."""
+"""Parsing the main gateway's dispatches and messages: valid shapes, Discord's quirks, and hostile input."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cordvoice.gateway.events import (
     parse_voice_server_update,
     parse_voice_state_update,
 )
+from cordvoice.gateway.protocol import GatewayProtocol, Hello
 
 STATE = {
     "guild_id": "41771983423143937",
@@ -150,3 +151,29 @@ def test_parsers_raise_only_protocol_error(payload: Any) -> None:
     for parser in (parse_voice_state_update, parse_voice_server_update, parse_guild_create, parse_channel):
         with contextlib.suppress(ProtocolError):
             parser(payload)
+
+
+def test_a_message_nested_beyond_the_stack_is_a_protocol_error() -> None:
+    protocol = GatewayProtocol("token", 0, compress=False)
+    protocol.connection_started()
+    nested = '{"op":0,"s":2,"t":"X","d":' + "[" * 200_000 + "]" * 200_000 + "}"
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode(nested)
+
+
+@pytest.mark.parametrize(
+    "interval", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400, "86400001", "0", "-5", "true", '"45000"']
+)
+def test_hello_needs_a_sane_heartbeat_interval(interval: str) -> None:
+    protocol = GatewayProtocol("token", 0, compress=False)
+    protocol.connection_started()
+    payload = protocol.decode('{"op":10,"d":{"heartbeat_interval":' + interval + "}}")
+    assert payload is not None
+    with pytest.raises(ProtocolError, match="heartbeat_interval"):
+        protocol.receive(payload, 0.0)
+
+
+def test_hello_gives_the_heartbeat_interval_in_seconds() -> None:
+    protocol = GatewayProtocol("token", 0, compress=False)
+    protocol.connection_started()
+    assert protocol.receive({"op": 10, "d": {"heartbeat_interval": 41250}}, 0.0) == Hello(41.25)

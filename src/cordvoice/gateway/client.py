@@ -114,18 +114,24 @@ class _SendLimiter:
     """At most ``limit`` payloads per ``period`` seconds (Discord closes with 4008 above 120 per minute)."""
 
     def __init__(self, limit: int, period: float) -> None:
+        if limit < 1 or not period > 0:
+            raise InvalidArgumentError("send_limit must be (payloads >= 1, seconds > 0)")
         self._limit = limit
         self._period = period
         self._sent: deque[float] = deque(maxlen=limit)
+        # Without it, callers waiting together all wake for the same freed slot and burst past the limit.
+        self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
-        if len(self._sent) == self._limit:
-            wait = self._sent[0] + self._period - loop.time()
-            if wait > 0:
+        async with self._lock:
+            while len(self._sent) == self._limit:
+                wait = self._sent[0] + self._period - loop.time()
+                if wait <= 0:
+                    break
                 logger.info("main gateway send limit reached; waiting %.1f s", wait)
-                await asyncio.sleep(wait)
-        self._sent.append(loop.time())
+                await asyncio.sleep(wait)  # may wake a clock tick early: check again
+            self._sent.append(loop.time())
 
 
 class Client:
@@ -271,16 +277,13 @@ class Client:
         try:
             gateway_url = self._gateway_url or await self._discover_gateway()
             self._task = asyncio.create_task(self._run(gateway_url), name="cordvoice-gateway-client")
-            ready = asyncio.ensure_future(self._ready.wait())
             try:
                 async with asyncio.timeout(self._ready_timeout):
-                    await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+                    await self._until_ready_or_stopped()
             except TimeoutError:
                 raise GatewayError(
                     f"the gateway did not become ready within {self._ready_timeout} s"
                 ) from None
-            finally:
-                ready.cancel()
             if not self._ready.is_set():
                 raise self._error or GatewayError("the gateway connection ended before READY")
             try:
@@ -350,10 +353,25 @@ class Client:
     async def _wait_ready(self) -> ClientConnection:
         while True:
             if self._closing or (self._task is not None and self._task.done()):
-                raise GatewayError("the gateway client is closed")
-            await self._ready.wait()
-            if self._ws is not None:
+                raise GatewayError("the gateway client is closed") from self._error
+            if self._ready.is_set() and self._ws is not None:
                 return self._ws
+            await self._until_ready_or_stopped()
+
+    async def _until_ready_or_stopped(self) -> None:
+        """Return when the session is ready, close() was called or the client task ended."""
+        waiters: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(self._ready.wait()),
+            asyncio.ensure_future(self._stop.wait()),
+        }
+        try:
+            await asyncio.wait(
+                waiters if self._task is None else waiters | {self._task},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _send(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
         if self._limiter is not None:
@@ -380,6 +398,12 @@ class Client:
                     return
                 logger.warning("main gateway connection failed: %s", exc)
                 verdict, healthy = CloseVerdict(None, False), False
+            except Exception as exc:  # a bug of ours: stop with an error of the hierarchy, never silently
+                logger.exception("main gateway client failed unexpectedly")
+                error = GatewayError(f"the main gateway client failed unexpectedly: {exc!r}")
+                error.__cause__ = exc
+                self._fail(error)
+                return
             if self._closing:
                 return
             if verdict.session_lost:
@@ -440,18 +464,21 @@ class Client:
                             await ws.close(1009, "message too big or corrupt")
                             break
                         continue
-                    if isinstance(event, Hello):
-                        got_hello = True
-                        heartbeat = asyncio.create_task(
-                            self._heartbeat_loop(ws, event.heartbeat_interval),
-                            name="cordvoice-gateway-heartbeat",
-                        )
-                        await self._open_session(ws)
-                    elif isinstance(event, Dispatch):
-                        self._on_dispatch(event)
-                        healthy = healthy or self._ready.is_set()
-                    elif event is not None:
-                        await self._on_signal(ws, event)
+                    try:
+                        if isinstance(event, Hello):
+                            got_hello = True
+                            heartbeat = asyncio.create_task(
+                                self._heartbeat_loop(ws, event.heartbeat_interval),
+                                name="cordvoice-gateway-heartbeat",
+                            )
+                            await self._open_session(ws)
+                        elif isinstance(event, Dispatch):
+                            self._on_dispatch(event)
+                            healthy = healthy or self._ready.is_set()
+                        elif event is not None:
+                            await self._on_signal(ws, event)
+                    except ConnectionClosed:
+                        break  # the socket dropped while we answered: its close code decides what follows
             finally:
                 self._ws = None
                 self._ready.clear()
@@ -482,8 +509,11 @@ class Client:
                 self._session_lost()
             delay = random.uniform(1.0, 5.0) * self._backoff_base
             logger.info("main gateway session invalidated; identifying again in %.2f s", delay)
-            await asyncio.sleep(delay)
-            await self._open_session(ws)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()  # close() must not wait out the delay
+            if not self._closing:
+                await self._open_session(ws)
 
     def _session_lost(self) -> None:
         self.stats.sessions_lost += 1
@@ -561,8 +591,12 @@ class Client:
         guilds = data.get("guilds", []) if isinstance(data, dict) else []
         pending = set()
         for raw in guilds if isinstance(guilds, list) else []:
-            if isinstance(raw, dict):
-                pending.add(parse_snowflake(raw.get("id"), "guilds[].id"))
+            # One bad entry must not cost the whole READY: the session is live either way.
+            try:
+                pending.add(parse_snowflake(raw.get("id") if isinstance(raw, dict) else None, "guilds[].id"))
+            except ProtocolError as exc:
+                self.stats.malformed_messages += 1
+                logger.warning("skipped a malformed guild in READY: %s", exc)
         self._guilds.clear()
         self._pending_guilds = pending
         if pending:

@@ -33,6 +33,7 @@ GATEWAY_VERSION = 10
 _ZLIB_SUFFIX = b"\x00\x00\xff\xff"
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 """The largest gateway message (after inflating) the client accepts."""
+_MAX_HEARTBEAT_MS = 86_400_000  # a day; Discord asks for about 41 s
 
 
 class Intents(enum.IntFlag):
@@ -154,6 +155,8 @@ class GatewayProtocol:
             payload = json.loads(text)
         except (ValueError, UnicodeDecodeError):
             raise ProtocolError("gateway message is not JSON") from None
+        except RecursionError:  # nesting deeper than the interpreter's stack: hostile, not a crash
+            raise ProtocolError("gateway message is nested too deeply") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("op"), int):
             raise ProtocolError("gateway message has no integer op")
         return payload
@@ -201,8 +204,13 @@ class GatewayProtocol:
             return Dispatch(name, data)
         if op == 10:
             interval = data.get("heartbeat_interval") if isinstance(data, dict) else None
-            if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
-                raise ProtocolError("Hello without a positive heartbeat_interval")
+            # NaN fails the comparison; the cap keeps out Infinity and integers too big for a float.
+            if (
+                not isinstance(interval, int | float)
+                or isinstance(interval, bool)
+                or not 0 < interval <= _MAX_HEARTBEAT_MS
+            ):
+                raise ProtocolError("Hello without a heartbeat_interval between 0 and a day")
             return Hello(interval / 1000)
         if op == 11:
             self._awaiting_ack = False
