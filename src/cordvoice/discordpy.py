@@ -11,7 +11,8 @@ VOICE_SERVER_UPDATE payloads, which it forwards to the bot's single :class:`~cor
     await vc.disconnect()
 
 To choose the Voice's options (for example ``ssl`` for a local emulator), create it first with
-``cordvoice.Voice.from_discordpy(client, ssl=...)``; later ``connect`` calls reuse it.
+``cordvoice.Voice.from_discordpy(client, ssl=...)``; later ``connect`` calls reuse it (or, once it is
+closed, a new Voice with the same options).
 
 Limitation: discord.py does not tell protocols when its gateway session is replaced, so such a session loss
 reaches cordvoice as the voice server's close code (4014/4006) instead of ``on_gateway_session_lost``.
@@ -25,7 +26,7 @@ from typing import Any
 
 import discord
 
-from cordvoice.errors import GatewayError, ProtocolError
+from cordvoice.errors import GatewayError, ProtocolError, VoiceError
 from cordvoice.events import DisconnectedEvent
 from cordvoice.gateway.adapter import VoiceEventListener
 from cordvoice.gateway.events import parse_voice_server_update, parse_voice_state_update
@@ -36,7 +37,8 @@ __all__ = ["DiscordPyAdapter", "VoiceClient", "voice_for"]
 
 logger = logging.getLogger(__name__)
 
-_voices: weakref.WeakKeyDictionary[Any, Voice] = weakref.WeakKeyDictionary()
+_voices: weakref.WeakKeyDictionary[Any, tuple[Voice, dict[str, Any]]] = weakref.WeakKeyDictionary()
+"""Each client's Voice and the options it was made with."""
 
 
 class DiscordPyAdapter:
@@ -97,12 +99,19 @@ class DiscordPyAdapter:
 
 
 def voice_for(client: discord.Client, **kwargs: Any) -> Voice:
-    """The one :class:`~cordvoice.Voice` of ``client``; ``kwargs`` are used only when it is created."""
-    voice = _voices.get(client)
-    if voice is None:
-        voice = _voices[client] = Voice(DiscordPyAdapter(client), **kwargs)
-    elif kwargs:
-        logger.debug("voice_for(): a Voice already exists for this client; ignoring %s", sorted(kwargs))
+    """The one open :class:`~cordvoice.Voice` of ``client``; ``kwargs`` are used only when it is created.
+
+    Once that Voice is closed, the next call creates another with these ``kwargs``, or without any, with the
+    closed one's: a bot may close its Voice and connect again later, still to the same (emulator) endpoints.
+    """
+    known = _voices.get(client)
+    if known is not None and not known[0].closed:
+        if kwargs:
+            logger.debug("voice_for(): a Voice already exists for this client; ignoring %s", sorted(kwargs))
+        return known[0]
+    options = kwargs if kwargs or known is None else known[1]
+    voice = Voice(DiscordPyAdapter(client), **options)
+    _voices[client] = voice, options
     return voice
 
 
@@ -117,7 +126,10 @@ class VoiceClient(discord.VoiceProtocol):
             raise GatewayError("this client's Voice is not driven by discord.py")
         self._adapter = adapter
         self.session: Session | None = None
+        self._joining = False
         self._cleaned = False
+        self._self_mute = False
+        self._self_deaf = False
 
     @property
     def guild(self) -> Any:
@@ -154,26 +166,64 @@ class VoiceClient(discord.VoiceProtocol):
     ) -> None:
         """Join through cordvoice; ``reconnect`` is cordvoice's policy and always on."""
         channel: Any = self.channel
-        session = await self.voice.join_channel(
-            self.guild.id, channel.id, self_mute=self_mute, self_deaf=self_deaf, timeout=timeout
-        )
+        self._self_mute, self._self_deaf = self_mute, self_deaf
+        self._joining = True
+        try:
+            session = await self.voice.join_channel(
+                self.guild.id, channel.id, self_mute=self_mute, self_deaf=self_deaf, timeout=timeout
+            )
+        except BaseException:
+            # discord.py cleans up only after a timeout: after any other failure this client would stay
+            # registered, and every later channel.connect() would say "Already connected".
+            self.cleanup()
+            raise
+        finally:
+            self._joining = False
         self.session = session
         session.on(DisconnectedEvent, self._session_ended)
 
     async def disconnect(self, *, force: bool = False) -> None:
-        """Leave the channel and forget this voice client."""
-        await self.voice.leave(self.guild.id)
-        self.cleanup()
+        """Leave the channel (if this client still holds the guild's session) and forget this voice client."""
+        try:
+            if self._owns_guild_session():
+                await self.voice.leave(self.guild.id)
+        finally:
+            self.cleanup()
 
     async def move_to(self, channel: Any, *, timeout: float | None = 30.0) -> None:  # noqa: ASYNC109
-        """Move to another channel of the same guild."""
-        self.session = await self.voice.join_channel(self.guild.id, channel.id, timeout=timeout)
+        """Move to another channel of the same guild; ``None`` disconnects, as in discord.py."""
+        if channel is None:
+            await self.disconnect()
+            return
+        session = self.session
+        if session is None or not self._owns_guild_session():
+            raise VoiceError("this voice client is not connected: connect again with channel.connect()")
+        moved = await self.voice.join_channel(
+            self.guild.id, channel.id, self_mute=self._self_mute, self_deaf=self._self_deaf, timeout=timeout
+        )
+        if moved is not session:
+            # Ours ended while the move waited its turn, so join_channel joined afresh: that session belongs
+            # to no voice client discord.py knows of, so leave rather than adopt it.
+            await self.voice.leave(self.guild.id)
+            raise VoiceError("the voice session ended before the move: connect again with channel.connect()")
         self.channel = channel
+
+    def _owns_guild_session(self) -> bool:
+        """Whether the guild's cordvoice session is this client's. A bot may still hold a stale client (its
+        session ended, a newer client connected since); acting on the guild would end the newer session."""
+        if self._cleaned:
+            return False
+        if self.session is None:
+            return self._joining  # disconnect() during connect() ends that join, as Voice.leave does
+        return self.voice.session(self.guild.id) is self.session
 
     def _session_ended(self, event: DisconnectedEvent) -> None:
         self.cleanup()
 
     def cleanup(self) -> None:
-        if not self._cleaned:
-            self._cleaned = True
+        if self._cleaned:
+            return
+        self._cleaned = True
+        # discord.py forgets a guild's voice client by guild id: only remove it if it is this one.
+        if self.guild.voice_client is self:
             super().cleanup()

@@ -119,6 +119,11 @@ class Voice:
     def session(self, guild_id: int) -> Session | None:
         return self._sessions.get(guild_id)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun: joins are refused from then on."""
+        return self._closed
+
     async def join_channel(
         self,
         guild_id: int,
