@@ -9,7 +9,9 @@ call does a few microseconds of work on the event loop and never blocks:
    starts only once a few frames are buffered (:mod:`cordvoice.audio.track`). A slow source therefore
    costs silence at its start, never a burst afterwards (discord.py #9120).
 2. **The queue** moves on inside the same output frame: the next queued track is opened and buffered while
-   the current one plays, so the change is gapless.
+   the current one plays, so the change is gapless. When a passthrough track is followed by one that needs
+   rendering, its last packets (the lookahead's worth) join the rendered ones, so that the next track's
+   first render runs while they go out; like rendered frames, they are then beyond pause.
 3. **Passthrough**: when exactly one Opus track is playing at volume 1.0, ``pull()`` hands out its next
    packet as it is. Pause and stop then act on the very next tick.
 4. **Mixing**: otherwise the player takes each track's next frame on the loop and a codec thread decodes,
@@ -432,11 +434,34 @@ class Player:
             track, frame = taken[0]
             track.frames_passthrough += 1
             self.stats.passthrough_frames += 1
+            if track._eof and self._queue and track is self._current:
+                self._hand_over(track)
             return frame
         if taken:  # the step changed the mix (the queue moved on to a PCM track): render it
             self._late()
             self._batch().add(self._job([taken], [[]]))
         return None
+
+    def _hand_over(self, track: Track) -> None:
+        """Queue the passthrough ``track``'s last packets as rendered ones if the next track needs rendering.
+
+        Its first frames are then rendered behind them while they go out, as in the mixing path; waiting
+        until the packets run out would leave a silent tick while that first render runs.
+        """
+        following = self._queue[0]
+        if len(track._buffer) > self._lookahead or not following._ready(as_next=True):
+            return
+        if following.kind == "opus" and following._volume == 1.0:
+            return  # passthrough again: the step that ends this track hands out the next packet
+        while track._buffer:
+            packet = track._take()
+            if packet is None:
+                break
+            track.frames_passthrough += 1
+            self.stats.passthrough_frames += 1
+            self._out.append((packet, None))
+        if len(self._out) <= self._refill_at:
+            self._schedule_render()
 
     def _late(self) -> None:
         if self._streaming:
