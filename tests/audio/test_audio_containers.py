@@ -321,6 +321,25 @@ def test_decoder_seek_lands_on_the_right_audio_in_mp3(pcm: bytes) -> None:
     assert match.lag <= 2 and match.correlation > 0.99
 
 
+def test_seeks_past_the_end_leave_nothing_to_read(pcm: bytes) -> None:
+    # 1e12 s does not fit an int64 in MP3 time units (1/14112000 s): it must land at the end, not overflow.
+    mp3 = write_container(pcm, "mp3", "libmp3lame", rate=44_100, sample_format="s16p")
+    with PCMDecoder(io.BytesIO(mp3)) as decoder:
+        for seconds in (5.0, 1e12, 1e300):
+            decoder.seek(seconds)
+            assert decoder.read() is None
+        decoder.seek(0.0)
+        assert len(list(decoder)) >= 150
+    ogg = write_container(pcm, "ogg", "libopus")
+    with OpusDemuxer(io.BytesIO(ogg)) as demuxer:
+        everything = list(demuxer)
+        for seconds in (5.0, 1e12, 1e300):
+            demuxer.seek(seconds)
+            assert demuxer.read() is None
+        demuxer.seek(0.0)
+        assert list(demuxer) == everything
+
+
 def test_decoder_closes_on_early_stop_and_errors(pcm: bytes) -> None:
     data = write_container(pcm, "wav", "pcm_s16le")
     frames = iter_pcm_frames(io.BytesIO(data))

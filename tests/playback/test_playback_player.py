@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cordvoice.audio.dca import encode_dca
 from cordvoice.audio.opus import OpusEncoder, packet_samples
 from cordvoice.audio.pcm import FRAME_BYTES, SAMPLE_RATE, iter_frames
 from cordvoice.audio.player import Player
 from cordvoice.audio.samples import tone, write_demo_ogg
-from cordvoice.audio.sources import AsyncAudioSource, AudioSource
+from cordvoice.audio.sources import AsyncAudioSource, AudioSource, DCASource
 from cordvoice.audio.track import (
     START_FRAMES,
     TrackEndEvent,
@@ -28,6 +29,7 @@ from cordvoice.errors import AudioError, InvalidArgumentError
 
 from .playback_helpers import (
     decode_packets,
+    encode_frames,
     frame_levels,
     opus_packets,
     pull_n,
@@ -208,6 +210,48 @@ async def test_seek_moves_the_position_and_the_audio(tmp_path: Path) -> None:
     player.close()
 
 
+async def test_a_seek_past_the_end_ends_the_track(tmp_path: Path) -> None:
+    mp3 = write_mp3(tmp_path / "a.mp3", tone(440, 2.0))
+    player = Player()
+    track = player.play(mp3)
+    await pull_n(player, 10)
+    await track.seek(1e12)  # too far for an int64 in MP3 time units: must not fail the track
+    out = await pull_until_done(player)
+    assert len(audible(out)) < 10  # at most what the player had already taken
+    assert await track.wait() is TrackState.FINISHED
+    player.close()
+
+
+class NearSeeks(CountingSource):
+    """Seeks up to one second in, and fails further, like a stream that only keeps a short window."""
+
+    @property
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, seconds: float) -> None:
+        if seconds > 1.0:
+            raise AudioError("too far")
+        self.position = round(seconds * SAMPLE_RATE) * 4
+
+
+async def test_a_failed_seek_leaves_the_track_playing_at_its_position() -> None:
+    source = NearSeeks(tone(440, 2.0))
+    player = Player()
+    track = player.play(source)
+    await pull_n(player, 20)
+    position = track.position
+    with pytest.raises(AudioError, match="too far"):
+        await track.seek(1.5)
+    assert track.position >= position
+    out = await pull_until_done(player)
+    assert audible(out)
+    assert await track.wait() is TrackState.FINISHED
+    # The frames the failed seek dropped from the buffer still count: the position follows the source.
+    assert track.position == pytest.approx(2.0)
+    player.close()
+
+
 async def _agen(chunks: list[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
@@ -256,6 +300,33 @@ async def test_queue_advances_gaplessly(ogg: Path, tmp_path: Path) -> None:
     player.close()
 
 
+@pytest.mark.parametrize("rendered", ["pcm", "opus at half volume"])
+async def test_queue_change_from_passthrough_to_a_rendered_track_is_gapless(
+    rendered: str, tmp_path: Path
+) -> None:
+    # The next track's first render must start before the passthrough packets run out, not after.
+    ogg = tmp_path / "short.ogg"
+    write_demo_ogg(ogg, 0.4)
+    packets = opus_packets(ogg)
+    player = Player()
+    first = player.enqueue(ogg)
+    if rendered == "pcm":
+        second, second_frames = player.enqueue(tone(500, 0.4)), 20
+    else:
+        second, second_frames = player.enqueue(ogg, volume=0.5), len(packets)
+    out = await pull_until_done(player, interval=0.02)  # paced like the transmit lane
+    assert await first.wait() is TrackState.FINISHED
+    assert await second.wait() is TrackState.FINISHED
+    start = next(i for i, p in enumerate(out) if p is not None)
+    end = max(i for i, p in enumerate(out) if p is not None)
+    assert [i - start for i in range(start, end) if out[i] is None] == []
+    assert player.stats.late_frames == 0
+    assert audible(out)[: len(packets)] == packets  # the first track is still passed through as is
+    assert player.stats.passthrough_frames == len(packets)
+    assert player.stats.encoded_frames == len(audible(out)) - len(packets) == second_frames
+    player.close()
+
+
 async def test_skip_and_clear_queue() -> None:
     player = Player()
     a = player.enqueue(tone(400, 5.0))
@@ -297,6 +368,84 @@ async def test_a_failing_source_ends_its_track_and_the_rest_plays_on() -> None:
     with pytest.raises(AudioError):
         async with asyncio.timeout(5):
             await missing.wait()
+    player.close()
+
+
+async def test_a_source_error_lets_the_frames_read_before_it_play(tmp_path: Path) -> None:
+    # A DCA file cut off inside a frame header's promise: every intact packet plays, then the track fails.
+    packets = encode_frames(tone(440, 2.9))  # 145: the error comes in the middle of a fill
+    path = tmp_path / "cut.dca"
+    path.write_bytes(encode_dca(packets) + b"\x40\x00" + bytes(10))
+    player = Player()
+    errors: list[TrackErrorEvent] = []
+    player.on(TrackErrorEvent, errors.append)
+    track = player.play(DCASource(path))
+    out = await pull_until_done(player)
+    assert audible(out) == packets
+    with pytest.raises(AudioError, match="truncated"):
+        await track.wait()
+    assert [e.track for e in errors] == [track]
+
+    # Fewer frames than START_FRAMES before the error: the track still starts and plays them.
+    short = CountingSource(tone(300, 1.0), fail_after=START_FRAMES - 2)
+    track = player.play(short)
+    out = await pull_until_done(player)
+    assert len(audible(out)) == START_FRAMES - 2
+    assert track.state is TrackState.FAILED
+    assert track.error is not None and isinstance(track.error.__cause__, OSError)
+    assert short.closed == 1
+    player.close()
+
+
+class FlakyAsync(AsyncAudioSource):
+    """Reads ``good`` PCM frames, then fails; closing takes a while, like a socket."""
+
+    kind = "pcm"
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+        self.reads = 0
+        self.closed = 0
+
+    async def read(self) -> bytes | None:
+        self.reads += 1
+        if self.reads > self.good:
+            raise ConnectionResetError("peer went away")
+        return tone(500, 0.02)
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(0.1)
+        self.closed += 1
+
+
+@pytest.mark.parametrize("good", [0, 3])
+async def test_a_failing_async_source_is_still_closed(good: int) -> None:
+    # With nothing buffered the feeder ends the track itself; with frames buffered the track ends while the
+    # feeder awaits aclose(). Either way the close must not be cancelled.
+    player = Player()
+    source = FlakyAsync(good)
+    track = player.play(source)
+    out = await pull_until_done(player)
+    assert len(audible(out)) == good
+    with pytest.raises(AudioError) as caught:
+        await track.wait()
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
+    async with asyncio.timeout(5):
+        while not source.closed:
+            await asyncio.sleep(0.01)
+    assert source.closed == 1
+    player.close()
+
+
+async def test_an_async_source_stopped_before_it_was_read_is_closed() -> None:
+    player = Player()
+    source = FlakyAsync(10)
+    track = player.play(source)
+    track.stop()
+    async with asyncio.timeout(5):
+        while not source.closed:
+            await asyncio.sleep(0.01)
+    assert source.reads == 0 and source.closed == 1
     player.close()
 
 

@@ -24,6 +24,8 @@ from cordvoice.errors import AudioError, InvalidArgumentError
 __all__ = ["PCMDecoder", "iter_pcm_frames"]
 
 _MAX_CONSECUTIVE_ERRORS: Final = 50
+_MAX_SEEK_OFFSET: Final = 2**63 - 1
+"""FFmpeg timestamps are int64: a later seek is clamped to this and lands at the end like any late seek."""
 _BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
 
 
@@ -147,7 +149,11 @@ class PCMDecoder(OpenContainer):
             yield frame
 
     def seek(self, seconds: float) -> None:
-        """Continue decoding from ``seconds`` (sample-accurate when the container has timestamps)."""
+        """Continue decoding from ``seconds`` (sample-accurate when the container has timestamps).
+
+        A time past the end leaves nothing to read. A failed seek raises :class:`AudioError` and does not
+        end decoding.
+        """
         with self._lock:
             if self._closed:
                 raise AudioError("the decoder is closed")
@@ -157,15 +163,19 @@ class PCMDecoder(OpenContainer):
         if seconds < 0:
             raise InvalidArgumentError("cannot seek to a negative time")
         target = round(seconds * SAMPLE_RATE)
-        self._frames.close()
         try:
             if self._time_base is not None:
                 offset = self._start_pts + int(Fraction(target, SAMPLE_RATE) / self._time_base)
-                self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
+                stream = self._stream
             else:
-                self._container.seek(int(seconds * 1_000_000), backward=True, any_frame=False)
-        except (self._av.FFmpegError, OSError, ValueError) as exc:
+                offset = int(seconds * 1_000_000)
+                stream = None
+            offset = min(offset, _MAX_SEEK_OFFSET)
+            self._container.seek(offset, stream=stream, backward=True, any_frame=False)
+        except (self._av.FFmpegError, OSError, ValueError, OverflowError) as exc:
             raise AudioError(f"cannot seek in {self._name}: {exc}") from exc
+        # Only now: after a failed seek the old generator still decodes from where it was.
+        self._frames.close()
         self._frames = self._generate(target)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import av
 
@@ -24,6 +24,9 @@ from cordvoice.audio.pcm import FRAME_SAMPLES, SAMPLE_RATE
 from cordvoice.errors import AudioError, InvalidArgumentError
 
 __all__ = ["OpusDemuxer", "OpusPacket", "iter_opus_packets"]
+
+_MAX_SEEK_OFFSET: Final = 2**63 - 1
+"""FFmpeg timestamps are int64: a later seek is clamped to this and lands at the end like any late seek."""
 
 
 class OpusPacket(NamedTuple):
@@ -141,7 +144,8 @@ class OpusDemuxer(OpenContainer):
     def seek(self, seconds: float) -> None:
         """Continue from ``seconds`` into the file: the next packet is the one playing at that time.
 
-        Raises :class:`AudioError` when the input does not allow seeking.
+        A time past the end leaves nothing to read. Raises :class:`AudioError` when the input does not allow
+        seeking.
         """
         if seconds < 0:
             raise InvalidArgumentError("cannot seek to a negative time")
@@ -151,8 +155,9 @@ class OpusDemuxer(OpenContainer):
             target = round(seconds * SAMPLE_RATE)
             try:
                 offset = target * self._scale_den // self._scale_num  # the target in stream time units
+                offset = min(offset, _MAX_SEEK_OFFSET)
                 self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
-            except (self._av_error, OSError, ValueError) as exc:
+            except (self._av_error, OSError, ValueError, OverflowError) as exc:
                 raise AudioError(f"cannot seek in {self._name}: {exc}") from exc
             self._packets = self._read_packets()
             self._pending = []

@@ -134,6 +134,8 @@ class _Fill:
     seek_error: AudioError | None
     loops: int = 0
     loop_refused: bool = False
+    error: AudioError | None = None
+    """A read failed after ``frames``: they still play, then the track fails."""
 
 
 @dataclass(slots=True)
@@ -170,35 +172,41 @@ def _fill_job(track: Track, want: int, seek_to: float | None, opened: bool) -> _
             seek_error = AudioError(str(exc)) if not isinstance(exc, AudioError) else exc
     frames: list[bytes] = []
     eof = False
+    error: AudioError | None = None
     loops = 0
     loop_refused = False
     deadline = time.monotonic() + FILL_BUDGET
-    while len(frames) < want:
-        data = source.read()
-        if data is None:
-            if track._loop and side.reads_since_loop > 0:
-                if source.seekable:
-                    source.seek(0)
-                    side.reads_since_loop = 0
-                    loops += 1
-                    continue
-                loop_refused = True
+    try:
+        while len(frames) < want:
+            data = source.read()
+            if data is None:
+                if track._loop and side.reads_since_loop > 0:
+                    if source.seekable:
+                        source.seek(0)
+                        side.reads_since_loop = 0
+                        loops += 1
+                        continue
+                    loop_refused = True
+                eof = True
+                break
+            side.reads_since_loop += 1
             if kind == "pcm":
-                last = side.chunker.flush()
-                if last is not None:
-                    frames.append(last)
-            eof = True
-            break
-        side.reads_since_loop += 1
-        if kind == "pcm":
-            frames.extend(side.chunker.feed(data))
-        else:
-            packet = bytes(data)
-            _check_opus(packet, track.name)
-            frames.append(packet)
-        if time.monotonic() >= deadline:
-            break  # hand over what we have: a slow source trickles in instead of stalling the track
-    return _Fill(frames, eof, kind, source.seekable, source.duration, seek_error, loops, loop_refused)
+                frames.extend(side.chunker.feed(data))
+            else:
+                packet = bytes(data)
+                _check_opus(packet, track.name)
+                frames.append(packet)
+            if time.monotonic() >= deadline:
+                break  # hand over what we have: a slow source trickles in instead of stalling the track
+    except Exception as exc:
+        # Raising would drop the frames read so far; hand them back with the error so they play first.
+        error = as_audio_error(exc, track.name)
+        eof = True
+    if eof and kind == "pcm":
+        last = side.chunker.flush()
+        if last is not None:
+            frames.append(last)
+    return _Fill(frames, eof, kind, source.seekable, source.duration, seek_error, loops, loop_refused, error)
 
 
 def _close_job(source: AudioSource) -> None:
@@ -246,6 +254,8 @@ class Track:
         self._buffering = True
         self._frames = 0
         self._offset = float(start)
+        self._seek_skipped = 0
+        """Frames a seek in flight dropped unplayed; counted into the position if it fails."""
         self._seekable = False
         self._duration: float | None = getattr(source, "duration", None) if self._is_async else None
         self._opened = self._is_async
@@ -260,6 +270,8 @@ class Track:
         self._closed = False
         self._worker = _WorkerSide()
         self._feeder: asyncio.Task[None] | None = None
+        self._feeding = False
+        """The feeder is reading; once it closes the source it must not be cancelled (a leak)."""
         self._space = asyncio.Event()
         self._decoder = DecoderSlot()
         self._done: asyncio.Future[TrackState] = player._event_loop().create_future()
@@ -349,7 +361,8 @@ class Track:
     async def seek(self, seconds: float) -> None:
         """Continue from ``seconds``; returns once the source is there.
 
-        Raises :class:`AudioError` when the source cannot seek (the track plays on) or the track ended.
+        A time past the end ends the track as if it had played to the end. Raises :class:`AudioError` when
+        the source cannot seek (the track plays on) or the track ended.
         """
         if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
             raise InvalidArgumentError(f"cannot seek to {seconds!r}")
@@ -364,12 +377,11 @@ class Track:
                 previous.set_result(None)  # superseded by this seek
         self._pending_seek = (float(seconds), future)
         self._gen += 1
+        self._seek_skipped += len(self._buffer)
         self._buffer.clear()
         self._eof = False
         self._buffering = True
-        self._offset = float(seconds)
-        self._frames = 0
-        self._kick()
+        self._kick()  # position moves once the source got there (see _filled)
         await future
 
     async def wait(self) -> TrackState:
@@ -467,6 +479,8 @@ class Track:
         if waiter is not None and not waiter.done():
             if result.seek_error is not None:
                 waiter.set_exception(result.seek_error)
+            elif result.error is not None and not result.frames:
+                waiter.set_exception(result.error)  # nothing could be read there: the track fails below
             else:
                 waiter.set_result(None)
         elif seek is not None and result.seek_error is not None and self._end_state is None:
@@ -476,14 +490,24 @@ class Track:
         if result.loop_refused and self._loop:
             logger.warning("%s cannot loop: its source cannot seek; it ends instead", self.name)
             self._loop = False
-        if gen != self._gen or self._end_state is not None:
-            self._kick()  # stale (a seek came in) or ended: maybe close, maybe read from the new position
-            return
-        self.loops += result.loops
-        self._buffer.extend(result.frames)
-        if result.eof:
-            self._eof = True
-        self._player._track_data(self)
+        if gen != self._gen:
+            self._seek_skipped += len(result.frames)  # read before the seek came in: dropped
+        elif self._end_state is None:
+            if seek is not None:
+                if result.seek_error is None:
+                    self._offset = seek[0]
+                    self._frames = 0
+                else:  # the source read on past the frames this seek dropped; keep position in step
+                    self._frames += self._seek_skipped
+                self._seek_skipped = 0
+            self.loops += result.loops
+            self._buffer.extend(result.frames)
+            if result.eof:
+                self._eof = True
+            if result.error is None:
+                self._player._track_data(self)
+        if result.error is not None and self._end_state is None:
+            self._source_failed(result.error)  # after buffering the frames read before it, which play first
         self._kick()
 
     def _source_closed(self, _: None, error: BaseException | None) -> None:
@@ -499,13 +523,15 @@ class Track:
         assert isinstance(source, AsyncAudioSource)
         chunker = FrameChunker()
         capacity = self._capacity()
+        self._feeding = True
         try:
-            while True:
+            while self._end_state is None:  # stopped before this task first ran: only close
                 while len(self._buffer) >= capacity:
                     self._space.clear()
                     await self._space.wait()
                 data = await source.read()
                 if data is None:
+                    self._feeding = False
                     last = chunker.flush() if self.kind == "pcm" else None
                     if last is not None:
                         self._buffer.append(last)
@@ -524,9 +550,14 @@ class Track:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._feeding = False  # ending the track now must not cancel this task: aclose() below must run
             if self._end_state is None:
+                last = chunker.flush() if self.kind == "pcm" else None
+                if last is not None:
+                    self._buffer.append(last)
                 self._source_failed(as_audio_error(exc, self.name))
         finally:
+            self._feeding = False
             try:
                 await source.aclose()
             except Exception as exc:
@@ -550,7 +581,7 @@ class Track:
         self._player.stats.source_errors += 1
         self._failure = error
         self._eof = True
-        if not self._buffer or not self._started:
+        if not self._buffer:
             self._finish(TrackState.FAILED, error)
         else:
             self._player._track_data(self)
@@ -654,7 +685,8 @@ class Track:
         self._player._detach(self)
         self._closing = True
         if self._feeder is not None:
-            self._feeder.cancel()
+            if self._feeding:
+                self._feeder.cancel()
         elif self._is_async:
             self._player._spawn(self._close_unstarted())
         elif self._begun:
