@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import discord
 import pytest
@@ -76,113 +77,112 @@ async def test_client_discordpy_bot_joins_and_plays(
             await voice.close()
 
 
-async def test_client_discordpy_failed_connect_leaves_no_voice_client(discordpy_bot: DiscordpyBot) -> None:
-    # discord.py itself cleans up only after a timeout; a refused join must not leave the guild "connected".
+@dataclass
+class DpyGuild:
+    """A discord.py bot logged in to the emulator, in one guild with the voice channels asked for."""
+
+    emu: Emulator
+    bot_id: int
+    guild_id: int
+    client: discord.Client
+    guild: discord.Guild
+    channel_ids: list[int]
+
+    def channel(self, index: int = 0) -> discord.VoiceChannel:
+        channel = self.guild.get_channel(self.channel_ids[index])
+        assert isinstance(channel, discord.VoiceChannel)
+        return channel
+
+    def voice_state_channel(self) -> int | None:
+        state = self.emu.state.voice_state(self.guild_id, self.bot_id)
+        return None if state is None else state.channel_id
+
+
+@contextlib.asynccontextmanager
+async def dpy_guild(discordpy_bot: DiscordpyBot, *channels: str) -> AsyncIterator[DpyGuild]:
     async with Emulator(tls=False, rate_limit=None) as emu:
         bot = emu.create_bot("discordpy-bot")
         guild_info = emu.create_guild("dpy guild", members=[bot.user_id])
-        channel_info = emu.create_voice_channel(guild_info.id, "Music")  # requires DAVE
+        channel_ids = [emu.create_voice_channel(guild_info.id, name).id for name in channels or ("Music",)]
         async with discordpy_bot(emu, bot.token) as client:
-            Voice.from_discordpy(client, ssl=False, dave=False)
             guild = client.get_guild(guild_info.id)
             assert guild is not None
-            channel = guild.get_channel(channel_info.id)
-            assert isinstance(channel, discord.VoiceChannel)
+            yield DpyGuild(emu, bot.user_id, guild_info.id, client, guild, channel_ids)
 
-            for _ in range(2):  # the second attempt fails the same way, not with "Already connected"
-                with pytest.raises(DaveRequiredError):
-                    await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-                assert guild.voice_client is None
-            await wait_until(lambda: emu.state.voice_state(guild_info.id, bot.user_id) is None)
+
+async def test_client_discordpy_failed_connect_leaves_no_voice_client(discordpy_bot: DiscordpyBot) -> None:
+    # discord.py itself cleans up only after a timeout; a refused join must not leave the guild "connected".
+    async with dpy_guild(discordpy_bot) as world:  # the channel requires DAVE
+        Voice.from_discordpy(world.client, ssl=False, dave=False)
+        for _ in range(2):  # the second attempt fails the same way, not with "Already connected"
+            with pytest.raises(DaveRequiredError):
+                await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+            assert world.guild.voice_client is None
+        await wait_until(lambda: world.voice_state_channel() is None)
 
 
 async def test_client_discordpy_stale_voice_client_spares_the_new_one(
     discordpy_bot: DiscordpyBot,
 ) -> None:
-    async with Emulator(tls=False, rate_limit=None) as emu:
-        bot = emu.create_bot("discordpy-bot")
-        guild_info = emu.create_guild("dpy guild", members=[bot.user_id])
-        music = emu.create_voice_channel(guild_info.id, "Music")
-        lounge = emu.create_voice_channel(guild_info.id, "Lounge")
-        async with discordpy_bot(emu, bot.token) as client:
-            voice = Voice.from_discordpy(client, ssl=False)
-            guild = client.get_guild(guild_info.id)
-            assert guild is not None
-            channel = guild.get_channel(music.id)
-            other = guild.get_channel(lounge.id)
-            assert isinstance(channel, discord.VoiceChannel) and isinstance(other, discord.VoiceChannel)
+    async with dpy_guild(discordpy_bot, "Music", "Lounge") as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        guild, channel, other = world.guild, world.channel(0), world.channel(1)
 
-            stale = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-            assert stale.session is not None
-            ended = asyncio.ensure_future(stale.session.wait_for(DisconnectedEvent, timeout=5))
-            emu.disconnect_member(guild_info.id, bot.user_id)
-            await ended
-            assert guild.voice_client is None
+        stale = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        assert stale.session is not None
+        ended = asyncio.ensure_future(stale.session.wait_for(DisconnectedEvent, timeout=5))
+        world.emu.disconnect_member(world.guild_id, world.bot_id)
+        await ended
+        assert guild.voice_client is None
 
-            vc = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10, self_deaf=True)
-            assert vc.session is not None
-            await stale.disconnect()  # e.g. an old command handler still holds it
-            assert vc.is_connected() and guild.voice_client is vc
-            with pytest.raises(VoiceError):
-                await stale.move_to(other)
-            assert vc.session.channel_id == music.id
+        vc = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10, self_deaf=True)
+        assert vc.session is not None
+        await stale.disconnect()  # e.g. an old command handler still holds it
+        assert vc.is_connected() and guild.voice_client is vc
+        with pytest.raises(VoiceError):
+            await stale.move_to(other)
+        assert vc.session.channel_id == channel.id
 
-            # The live client moves, keeping the self-deafen it connected with; move_to(None) leaves.
-            await vc.move_to(other, timeout=10)
-            assert vc.is_connected() and vc.channel is other and vc.session.channel_id == lounge.id
-            state = emu.state.voice_state(guild_info.id, bot.user_id)
-            assert state is not None and state.channel_id == lounge.id and state.self_deaf
-            await vc.move_to(None)
-            assert guild.voice_client is None and not vc.is_connected()
-            await voice.close()
+        # The live client moves, keeping the self-deafen it connected with; move_to(None) leaves.
+        await vc.move_to(other, timeout=10)
+        assert vc.is_connected() and vc.channel is other and vc.session.channel_id == other.id
+        state = world.emu.state.voice_state(world.guild_id, world.bot_id)
+        assert state is not None and state.channel_id == other.id and state.self_deaf
+        await vc.move_to(None)
+        assert guild.voice_client is None and not vc.is_connected()
+        await voice.close()
 
 
 async def test_client_discordpy_connects_again_after_its_voice_is_closed(discordpy_bot: DiscordpyBot) -> None:
-    async with Emulator(tls=False, rate_limit=None) as emu:
-        bot = emu.create_bot("discordpy-bot")
-        guild_info = emu.create_guild("dpy guild", members=[bot.user_id])
-        channel_info = emu.create_voice_channel(guild_info.id, "Music")
-        async with discordpy_bot(emu, bot.token) as client:
-            voice = Voice.from_discordpy(client, ssl=False)
-            guild = client.get_guild(guild_info.id)
-            assert guild is not None
-            channel = guild.get_channel(channel_info.id)
-            assert isinstance(channel, discord.VoiceChannel)
-            vc = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-            await voice.close()
-            assert guild.voice_client is None and not vc.is_connected()
+    async with dpy_guild(discordpy_bot) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        await voice.close()
+        assert world.guild.voice_client is None and not vc.is_connected()
 
-            # A fresh Voice with the closed one's options: ssl=False, or this emulator could not be reached.
-            vc2 = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-            assert vc2.voice is not voice and Voice.from_discordpy(client) is vc2.voice
-            assert vc2.session is not None and vc2.session.state is SessionState.READY
-            await vc2.voice.close()
+        # A fresh Voice with the closed one's options: ssl=False, or this emulator could not be reached.
+        vc2 = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        assert vc2.voice is not voice and Voice.from_discordpy(world.client) is vc2.voice
+        assert vc2.session is not None and vc2.session.state is SessionState.READY
+        await vc2.voice.close()
 
 
 async def test_client_discordpy_disconnect_during_connect_ends_the_join(discordpy_bot: DiscordpyBot) -> None:
-    async with Emulator(tls=False, rate_limit=None) as emu:
-        bot = emu.create_bot("discordpy-bot")
-        guild_info = emu.create_guild("dpy guild", members=[bot.user_id])
-        channel_info = emu.create_voice_channel(guild_info.id, "Music")
-        async with discordpy_bot(emu, bot.token) as client:
-            voice = Voice.from_discordpy(client, ssl=False)
-            guild = client.get_guild(guild_info.id)
-            assert guild is not None
-            channel = guild.get_channel(channel_info.id)
-            assert isinstance(channel, discord.VoiceChannel)
-            emu.faults.pause_udp(guild_id=guild_info.id)  # IP discovery hangs: the join stays in progress
-            connecting = asyncio.ensure_future(
-                channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-            )
-            await wait_until(lambda: emu.state.voice_state(guild_info.id, bot.user_id) is not None)
-            vc = guild.voice_client
-            assert isinstance(vc, cordvoice.discordpy.VoiceClient) and vc.session is None
+    async with dpy_guild(discordpy_bot) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        world.emu.faults.pause_udp(guild_id=world.guild_id)  # IP discovery hangs: the join stays in progress
+        connecting = asyncio.ensure_future(
+            world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        )
+        await wait_until(lambda: world.voice_state_channel() is not None)
+        vc = world.guild.voice_client
+        assert isinstance(vc, cordvoice.discordpy.VoiceClient) and vc.session is None
 
-            await vc.disconnect()
-            async with asyncio.timeout(2):  # well before the join's own timeouts
-                with pytest.raises(VoiceError) as info:
-                    await connecting
-            assert not isinstance(info.value, TimeoutError)
-            assert guild.voice_client is None
-            await wait_until(lambda: emu.state.voice_state(guild_info.id, bot.user_id) is None)
-            await voice.close()
+        await vc.disconnect()
+        async with asyncio.timeout(2):  # well before the join's own timeouts
+            with pytest.raises(VoiceError) as info:
+                await connecting
+        assert not isinstance(info.value, TimeoutError)
+        assert world.guild.voice_client is None
+        await wait_until(lambda: world.voice_state_channel() is None)
+        await voice.close()
