@@ -177,3 +177,7 @@ def test_hello_gives_the_heartbeat_interval_in_seconds() -> None:
     protocol = GatewayProtocol("token", 0, compress=False)
     protocol.connection_started()
     assert protocol.receive({"op": 10, "d": {"heartbeat_interval": 41250}}, 0.0) == Hello(41.25)
+    with pytest.raises(ProtocolError, match="second Hello"):
+        protocol.receive({"op": 10, "d": {"heartbeat_interval": 41250}}, 1.0)
+    protocol.connection_started()  # a new socket gets its own Hello
+    assert protocol.receive({"op": 10, "d": {"heartbeat_interval": 41250}}, 2.0) == Hello(41.25)

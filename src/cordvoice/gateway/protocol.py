@@ -100,6 +100,7 @@ class GatewayProtocol:
         self.user_id: int | None = None
         self.latency: float | None = None
         self._awaiting_ack = False
+        self._hello_seen = False
         self._heartbeat_sent_at = 0.0
         self._inflater: Any = None
         self._buffer = bytearray()
@@ -125,6 +126,7 @@ class GatewayProtocol:
         self._buffer.clear()
         self.stream_broken = False
         self._awaiting_ack = False
+        self._hello_seen = False
 
     def decode(self, message: str | bytes) -> dict[str, Any] | None:
         """One WebSocket message to a payload; ``None`` while a zlib-stream message is incomplete."""
@@ -211,6 +213,9 @@ class GatewayProtocol:
                 or not 0 < interval <= _MAX_HEARTBEAT_MS
             ):
                 raise ProtocolError("Hello without a heartbeat_interval between 0 and a day")
+            if self._hello_seen:  # acting on it would start a second heartbeat loop and a second Identify
+                raise ProtocolError("a second Hello on one connection")
+            self._hello_seen = True
             return Hello(interval / 1000)
         if op == 11:
             self._awaiting_ack = False
