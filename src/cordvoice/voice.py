@@ -152,7 +152,7 @@ class Voice:
                 # Discord applies op 4s in order: our join must not overtake the leave's channel null.
                 await leaving.wait_closed()
             existing = self._sessions.get(guild_id)
-            if existing is not None and existing.ending and not existing.closed:
+            if existing is not None and existing.ending:  # returns at once if already closed
                 # It ended on its own and may still be leaving the channel: let its op 4 go out first,
                 # then join afresh (a move on a session that is going away would fail).
                 await existing.wait_closed()
