@@ -956,8 +956,10 @@ class Session:
         """Op 4 again through the adapter until it brings credentials; False if an interrupt took over."""
         while True:
             try:
-                await self._rejoin_once(attempt)
-                return True
+                if await self._rejoin_once(attempt):
+                    return True
+                await self._handle_pending_interrupt()  # the gateway session died with our op 4: again
+                return False
             except (TimeoutError, GatewayError) as exc:
                 end = ConnectionEnd(EndKind.NO_CREDENTIALS, reason=f"rejoin failed: {exc or 'no answer'}")
             decision = self._policy.decide(end, self._loop.time())
@@ -974,7 +976,9 @@ class Session:
             self._reconnects += 1
             attempt = decision.attempt
 
-    async def _rejoin_once(self, attempt: int) -> None:
+    async def _rejoin_once(self, attempt: int) -> bool:
+        """Op 4 and its answer; False, with the GATEWAY_LOST interrupt pending, if the main gateway lost its
+        session meanwhile (the op 4 may have died with it: waiting would only run out ``rejoin_timeout``)."""
         generation = self._server_gen
         state_generation = self._state_gen
         timeout = self.config.reconnect.rejoin_timeout
@@ -987,6 +991,8 @@ class Session:
                 self.guild_id, self._channel_id, self_mute=self._self_mute, self_deaf=self._self_deaf
             )
             while self._state_gen == state_generation and not self._have_credentials(generation):
+                if self._interrupt is _Interrupt.GATEWAY_LOST:
+                    return False
                 await self._wait_changed()
         # The voice state answered; a new token usually follows within milliseconds. If none comes, the old
         # one may still be valid (Discord kept the voice session): it is tried, and if it is refused the next
@@ -995,6 +1001,7 @@ class Session:
             async with asyncio.timeout(min(_SERVER_UPDATE_GRACE, timeout)):
                 while not self._have_credentials(generation):
                     await self._wait_changed()
+        return True
 
     # ---- one voice session ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pytest
@@ -31,7 +31,7 @@ from cordvoice.emulator.sfu import Address
 from cordvoice.udp.connection import UdpConnection
 from cordvoice.udp.rtp import OPUS_SILENCE
 
-from .conftest import LoopErrors, VoiceWorld, opus_frames, voice_world, wait_until
+from .conftest import FAST_RECONNECT, LoopErrors, VoiceWorld, opus_frames, voice_world, wait_until
 
 E = TypeVar("E", bound=SessionEvent)
 
@@ -275,6 +275,40 @@ async def test_client_gateway_session_lost_while_waiting_for_a_server_rejoins(wo
     # More than one rejoin when the client waits longer than rejoin_timeout before identifying again.
     assert actions[0] is ReconnectAction.WAIT_FOR_SERVER and set(actions[1:]) == {ReconnectAction.REJOIN}
     assert "DisconnectedEvent" not in kinds(events)
+
+
+async def test_client_gateway_session_lost_during_a_rejoin_asks_again_at_once(
+    world: VoiceWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await world.voice.close()
+    voice = world.make_voice(reconnect=replace(FAST_RECONNECT, rejoin_timeout=30.0))
+    session = await voice.join_channel(world.guild.id, world.channel.id)
+    events = record(session)
+    client = world.client
+    send_op4 = client.update_voice_state
+    lost: list[str] = []
+
+    async def op4_dies_with_the_gateway(guild_id: int, channel_id: int | None, **kwargs: Any) -> None:
+        if channel_id is None or lost:
+            await send_op4(guild_id, channel_id, **kwargs)
+            return
+        # The rejoin's op 4 goes out on a gateway connection that dies before Discord reads it.
+        assert client.session_id is not None
+        lost.append(client.session_id)
+        world.emu.main_gateway.invalidate_session(client.session_id, resumable=False)
+
+    monkeypatch.setattr(client, "update_voice_state", op4_dies_with_the_gateway)
+    ready_soon = expect(session, ReadyEvent, within=20.0)
+    started = asyncio.get_running_loop().time()
+    server = world.emu.voice_server(guild_id=world.guild.id)
+    await server.close_client(world.bot.user_id, 4006, "session gone")
+    ready = await ready_soon
+    # Without asking again on the new gateway session it would wait out rejoin_timeout (30 s).
+    assert asyncio.get_running_loop().time() - started < 15.0
+    assert lost and client.session_id != lost[0]
+    assert ready.channel_id == world.channel.id and session.state is SessionState.READY
+    assert "DisconnectedEvent" not in kinds(events)
+    await voice.close()
 
 
 async def test_client_bug_close_rejoins_once_then_gives_up(world: VoiceWorld) -> None:
