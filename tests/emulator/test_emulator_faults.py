@@ -63,6 +63,19 @@ async def test_close_client_with_any_code(world: VoiceWorld) -> None:
     assert emu.faults.counts["close"] == len(codes)
 
 
+async def test_close_codes_no_close_frame_can_carry_are_refused(world: VoiceWorld) -> None:
+    emu = world.emu
+    member = await emu.add_participant(world.stage.id, name="dana")
+    for code in (1004, 1005, 1006, 1015, 2000):
+        with pytest.raises(InvalidArgumentError, match="cannot be sent"):
+            await emu.faults.close_client(member.user_id, code)
+    with pytest.raises(InvalidArgumentError, match="cannot be sent"):
+        await emu.faults.crash(code=99)
+    assert member.connected and emu.faults.counts == {}, "a refused fault touches nothing"
+    assert await emu.faults.close_client(member.user_id, 1012) == 1
+    assert await member.wait_closed() == 1012
+
+
 async def test_crash_closes_everyone_with_4015_and_resumed_members_keep_hearing_each_other(
     world: VoiceWorld,
 ) -> None:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from cordvoice.emulator.sfu import Address, ForwardHook, MediaEndpoint, MediaServer
 from cordvoice.emulator.state import VoiceServer
+from cordvoice.emulator.voice_protocol import check_close_code
 from cordvoice.errors import EmulatorError, InvalidArgumentError
 from cordvoice.udp.crypto import make_cipher
 from cordvoice.udp.rtp import OPUS_PAYLOAD_TYPE, OPUS_SILENCE, RTP_VERSION
@@ -244,12 +245,12 @@ class Faults:
     async def close_client(
         self, user_id: int, code: int, reason: str = "closed by the emulator", *, guild_id: int | None = None
     ) -> int:
-        """Close the user's voice socket with ``code`` (any code; 4015 and < 4000 keep the session).
+        """Close the user's voice socket with ``code``; 4015 and codes below 4000 keep the session.
 
+        Any code a close frame can carry works (1004-1006 and 1015 cannot be sent: InvalidArgumentError).
         Returns how many sockets were closed (0 if the session had no socket at that moment).
         """
-        if not 1000 <= code <= 4999:
-            raise InvalidArgumentError(f"close code {code} is outside 1000..4999")
+        check_close_code(code)
         server = self._server_of(user_id, guild_id)
         closed = await server.close_client(user_id, code, reason, guild_id=guild_id)
         self._count("close", user_id, closed)
@@ -274,6 +275,7 @@ class Faults:
 
         ``server_id`` or ``guild_id`` chooses the server (default: the first one). Returns the sockets closed.
         """
+        check_close_code(code)
         server = self._emu.voice_server(server_id, guild_id=guild_id)
         users = [c.session.user_id for c in server.core.connections.values() if c.session and not c.closing]
         closed = await server.crash(code)

@@ -60,7 +60,7 @@ from cordvoice.emulator.dave_ds import (
 from cordvoice.emulator.inspection import ClientActivity, ClientInspection, SpeakingEvent
 from cordvoice.emulator.sfu import MediaEndpoint, MediaServer
 from cordvoice.emulator.state import EmulatorState, VoiceChangeCause, VoiceSession, VoiceStateChange
-from cordvoice.errors import EmulatorError, FrameDecodeError, ProtocolError
+from cordvoice.errors import EmulatorError, FrameDecodeError, InvalidArgumentError, ProtocolError
 from cordvoice.udp.crypto import MODE_AES256_GCM, MODE_XCHACHA20_POLY1305, make_cipher
 from cordvoice.voicegateway.closecodes import CloseCode
 from cordvoice.voicegateway.messages import (
@@ -105,6 +105,7 @@ __all__ = [
     "VoiceServerCore",
     "VoiceServerStats",
     "VoiceSessionRecord",
+    "check_close_code",
     "close_code_for",
 ]
 
@@ -124,6 +125,18 @@ _SEQ_MASK = 0xFFFF
 _IGNORED_CLIENT_OPS = frozenset({12, 15, 16})
 _MAX_REASON = 120
 _HISTORY_PER_USER = 16
+
+
+#: Codes below 3000 that a close frame may carry (RFC 6455 §7.4: 1004-1006 and 1015 are never sent).
+_SENDABLE_PROTOCOL_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
+
+
+def check_close_code(code: int) -> None:
+    """Refuse a code no close frame can carry: the socket would fail with 1011, or not close at all."""
+    if code not in _SENDABLE_PROTOCOL_CODES and not 3000 <= code <= 4999:
+        raise InvalidArgumentError(
+            f"close code {code} cannot be sent in a close frame (1000-1003, 1007-1014 or 3000-4999)"
+        )
 
 
 def close_code_for(cause: VoiceChangeCause) -> int:
@@ -492,6 +505,7 @@ class VoiceServerCore:
         self, user_id: int, code: int, reason: str, now: float, *, guild_id: int | None = None
     ) -> int:
         """Close the user's live voice socket(s) with ``code``; the session survives resumable codes."""
+        check_close_code(code)
         count = 0
         for record in self.records(user_id, guild_id):
             if record.connection is not None and not record.connection.closing:
@@ -502,6 +516,7 @@ class VoiceServerCore:
 
     def crash(self, now: float, code: int = CloseCode.VOICE_SERVER_CRASHED) -> int:
         """Close every socket with ``code`` (4015: sessions are kept for Resume); returns how many."""
+        check_close_code(code)
         connections = [c for c in self.connections.values() if not c.closing]
         for conn in connections:
             self._close(conn, code, "voice server crashed", now)
