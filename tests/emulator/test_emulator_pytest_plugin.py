@@ -6,6 +6,7 @@ under pytest-asyncio's auto mode and its strict mode.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ import pytest
 # Imported here, before the inner sessions: pytester drops the modules an inner session imported, and
 # cryptography's Rust core cannot have its Python classes imported a second time in one process.
 import cordvoice.emulator.fixture
-import cordvoice.gateway  # noqa: F401
+import cordvoice.gateway
+from cordvoice.errors import EmulatorError
 
 pytest_plugins = ["pytester"]
 
@@ -79,6 +81,18 @@ def test_strict_mode_without_the_asyncio_mark_does_not_silently_pass(pytester: p
     result = pytester.runpytest_inprocess("-o", "asyncio_mode=strict", *INNER_OPTIONS)
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) == 0, "pytest skips or fails unmarked async tests in strict mode"
+
+
+@pytest.mark.parametrize("counts", [{"guilds": 0}, {"bots": 0}, {"voice_channels": -1}])
+async def test_a_world_that_cannot_be_built_leaves_nothing_running(counts: dict[str, int]) -> None:
+    emu = cordvoice.emulator.fixture.DiscordEmulator(**counts)
+    with pytest.raises(EmulatorError, match="at least one guild"):
+        async with emu:
+            pass
+    assert emu.voice_server_handles == {}
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", emu.port)
+    assert {task.get_name() for task in asyncio.all_tasks()} == {asyncio.current_task().get_name()}  # type: ignore[union-attr]
 
 
 def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:

@@ -50,9 +50,13 @@ class DiscordEmulator(Emulator):
         self._world: World | None = None
 
     async def start(self) -> None:
-        """Bind, serve, and create the bots, guilds and channels."""
+        """Bind, serve, and create the bots, guilds and channels; a world that cannot be built closes all."""
         await super().start()
-        self._world = populate(self, **self._counts)
+        try:
+            self._world = populate(self, **self._counts)
+        except BaseException:  # ``async with`` does not call __aexit__ when __aenter__ fails
+            await self.close()
+            raise
 
     @property
     def world(self) -> World:
