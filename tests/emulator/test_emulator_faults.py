@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cordvoice.emulator import Emulator, Participant
-from cordvoice.errors import EmulatorError, InvalidArgumentError
+from cordvoice.errors import ConnectionClosedError, EmulatorError, InvalidArgumentError
 from cordvoice.udp.rtp import parse_rtp
 
 from .emulator_helpers import (
@@ -201,6 +201,22 @@ async def test_kick_sends_a_null_channel_then_closes_4014(world: VoiceWorld) -> 
     with pytest.raises(EmulatorError):
         emu.faults.kick(world.bot.user_id)  # not in voice any more
     await gateway.close()
+
+
+async def test_a_kicked_participant_stops_playing_with_the_projects_error(world: VoiceWorld) -> None:
+    emu = world.emu
+    speaker = await emu.add_participant(world.stage.id, name="erin")
+    playing = asyncio.create_task(speaker.play(opaque_frames(1, 50)))
+    await asyncio.sleep(0.2)
+    assert emu.faults.kick(speaker.user_id)
+    with pytest.raises(ConnectionClosedError) as closed:
+        await playing
+    assert closed.value.code == 4014
+    assert speaker.stats.sent_packets < 50, "it stopped sending at the kick"
+    with pytest.raises(ConnectionClosedError):
+        await speaker.play(opaque_frames(2, 1))
+    with pytest.raises(ConnectionClosedError):
+        await speaker.send_raw("{}")
 
 
 async def test_delete_channel_announces_it_and_closes_4022(world: VoiceWorld) -> None:

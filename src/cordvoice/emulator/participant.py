@@ -502,18 +502,20 @@ class Participant:
         sender = self._sender
         if sender is None or self._udp is None:
             raise EmulatorError("the participant has no transport yet (handshake not finished)")
-        await self._send(Speaking(speaking=SpeakingFlag.MICROPHONE, ssrc=self.ssrc))
+        await self._send_while_open(Speaking(speaking=SpeakingFlag.MICROPHONE, ssrc=self.ssrc))
         start = self._loop.time()
         sent = 0
         for frame in frames:
+            self._check_open()
             self._send_frame(frame, dave=True)
             sent += 1
             await self._sleep_until(start + sent * interval)
         if silence:
             for index in range(_SILENCE_FRAMES):
+                self._check_open()
                 self._send_frame(OPUS_SILENCE, dave=False)
                 await self._sleep_until(start + (sent + index + 1) * interval)
-        await self._send(Speaking(speaking=SpeakingFlag.NONE, ssrc=self.ssrc))
+        await self._send_while_open(Speaking(speaking=SpeakingFlag.NONE, ssrc=self.ssrc))
         return sent
 
     def send_datagram(self, data: bytes) -> None:
@@ -524,7 +526,7 @@ class Participant:
 
     async def send_raw(self, frame: str | bytes) -> None:
         """Send a raw WebSocket frame (for bad-input tests)."""
-        await self._ws.send(frame)
+        await self._send_while_open(frame)
 
     async def leave(self) -> None:
         """Leave: the emulator clears the voice state (the server then closes with 4014), then close."""
@@ -807,14 +809,28 @@ class Participant:
 
     async def _wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
-            if self._closed.is_set():
-                code = self.close_code
-                if code == CloseCode.E2EE_REQUIRED:
-                    raise DaveRequiredError("the channel requires DAVE (close 4017)", code=code)
-                raise ConnectionClosedError(f"the voice socket closed (code {code})", code=code)
+            self._check_open()
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
             await waiter
+
+    def _check_open(self) -> None:
+        """Raise the project's error once the participant is closed (left, kicked, or closed by a fault)."""
+        if self._closed.is_set():
+            code = self.close_code
+            if code == CloseCode.E2EE_REQUIRED:
+                raise DaveRequiredError("the channel requires DAVE (close 4017)", code=code)
+            raise ConnectionClosedError(f"the voice socket closed (code {code})", code=code)
+
+    async def _send_while_open(self, message: ClientMessage | str | bytes) -> None:
+        """Send for the public API: a closed socket is a ConnectionClosedError, not websockets' exception."""
+        self._check_open()
+        frame = message if isinstance(message, (str, bytes)) else encode_client(message)
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            raise ConnectionClosedError(f"the voice socket closed (code {code})", code=code) from None
 
     async def _sleep_until(self, deadline: float) -> None:
         delay = deadline - self._loop.time()
