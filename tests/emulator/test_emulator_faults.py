@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import statistics
 import struct
 from collections.abc import AsyncIterator
@@ -309,6 +310,17 @@ async def test_global_impairment_and_per_receiver_override(world: VoiceWorld) ->
     assert emu.voice_server().media.forward_hook is None, "no hook left on the hot path"
     await alice.play(frames, silence=False, interval=0.002)
     await carol.wait_for_frames(alice.user_id, 20)
+
+
+@pytest.mark.parametrize("option", ["delay", "jitter"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+async def test_a_delay_that_would_hold_audio_forever_is_refused(
+    world: VoiceWorld, option: str, value: float
+) -> None:
+    emu = world.emu
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        emu.faults.impair(**{option: value})  # type: ignore[arg-type]
+    assert emu.voice_server().media.forward_hook is None and emu.faults.counts == {}
 
 
 async def test_pause_stops_forwarding_and_resume_restores_it(world: VoiceWorld) -> None:

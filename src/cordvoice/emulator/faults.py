@@ -34,6 +34,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import os
 import random
 import struct
@@ -95,8 +96,10 @@ class ImpairmentConfig:
                 raise InvalidArgumentError(f"{name} must be in 0..1, got {value!r}")
         if not 0.0 <= self.reorder < 0.5:
             raise InvalidArgumentError(f"reorder must be in 0..0.5 (exclusive), got {self.reorder!r}")
-        if self.delay < 0 or self.jitter < 0:
-            raise InvalidArgumentError("delay and jitter must be >= 0 seconds")
+        if not (0.0 <= self.delay < math.inf and 0.0 <= self.jitter < math.inf):  # NaN fails too
+            raise InvalidArgumentError(
+                f"delay and jitter must be finite and >= 0 seconds, got {self.delay!r} and {self.jitter!r}"
+            )
 
 
 class Impairment:
