@@ -188,6 +188,22 @@ async def test_move_to_another_voice_server(world: VoiceWorld, null_endpoint_fir
     await gateway.close()
 
 
+async def test_inspect_shows_the_newest_session_after_a_move_and_a_leave(world: VoiceWorld) -> None:
+    emu = world.emu
+    first = await Participant.from_session(issue_session(emu, world.stage, "frank"))
+    user_id, guild_id = first.user_id, world.guild.id
+    await emu.faults.move_guild(guild_id)
+    assert await first.wait_closed() == 4022
+    moved = emu.state.voice_session(guild_id, user_id)
+    assert moved is not None
+    second = await Participant.from_session(moved)
+    emu.set_voice_state(guild_id, user_id, None)
+    assert await second.wait_closed() == 4014
+    seen = emu.inspect(user_id)  # both sessions ended, each after one connection
+    assert seen.ssrc == second.ssrc and seen.closes_sent == (4014,), "the newest session, not the first"
+    assert seen.identified_at > emu.voice_server(1).inspect(user_id).identified_at  # type: ignore[union-attr]
+
+
 async def test_kick_sends_a_null_channel_then_closes_4014(world: VoiceWorld) -> None:
     emu = world.emu
     gateway = await RawGateway.login(emu, world.bot.token)

@@ -229,6 +229,8 @@ class ClientInspection:
     dave_roster: dict[int, int]
     dave_member: bool
     dave_counters: dict[str, int]
+    identified_at: float
+    """Loop time (``asyncio`` clock) of the Identify that opened this voice session."""
     faults: dict[str, int] = field(default_factory=dict)
     """Faults injected against this user (``emu.faults``), by kind, over all its voice sessions."""
 

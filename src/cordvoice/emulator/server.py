@@ -516,7 +516,8 @@ class Emulator:
         ]
         if not found:
             raise EmulatorError(f"user {user_id} never identified on a voice server")
-        newest = max(found, key=lambda inspection: (not inspection.ended, inspection.connections))
+        # A live session first (a user in voice in one guild, gone from another), else the last identified.
+        newest = max(found, key=lambda inspection: (not inspection.ended, inspection.identified_at))
         return dataclasses.replace(newest, faults=self.faults.for_user(user_id))
 
     def admit_to_voice(

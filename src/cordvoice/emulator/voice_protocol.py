@@ -241,8 +241,11 @@ class VoiceSessionRecord:
         max_dave_version: int,
         dave_version: int,
         replay_limit: int,
+        identified_at: float = 0.0,
     ) -> None:
         self.voice = voice
+        self.identified_at = identified_at
+        """Loop time of the Identify that opened it (orders a user's sessions across voice servers)."""
         self.media = media
         self.max_dave_version = max_dave_version
         self.dave_version = dave_version
@@ -581,6 +584,7 @@ class VoiceServerCore:
             dave_roster=roster,
             dave_member=record.user_id in roster,
             dave_counters={} if dave is None else dict(dave.counters),
+            identified_at=record.identified_at,
         )
 
     # ==== input handling ===================================================================================
@@ -669,6 +673,7 @@ class VoiceServerCore:
             max_dave_version=message.max_dave_protocol_version,
             dave_version=min(message.max_dave_protocol_version, channel.dave_protocol_version),
             replay_limit=self.config.replay_limit,
+            identified_at=now,
         )
         record.activity.opcode(int(message.op))
         self.sessions[(voice.guild_id, voice.user_id)] = record
