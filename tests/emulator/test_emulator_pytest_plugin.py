@@ -74,6 +74,32 @@ def test_discord_emulator_fixture_under_pytest_asyncio(
     result.assert_outcomes(passed=2)
 
 
+LOOP_TEST = """
+async def test_in_the_default_loop(discord_emulator):
+    assert (await discord_emulator.listener(timeout=2)).dave_protocol_version == 1
+"""
+
+
+@pytest.mark.parametrize("fixture_loop", ["function", "module", "session"])
+@pytest.mark.parametrize("test_loop", ["function", "module"])
+def test_the_fixture_serves_in_the_loop_the_tests_run_in(
+    pytester: pytest.Pytester, fixture_loop: str, test_loop: str
+) -> None:
+    """A project's ``asyncio_default_fixture_loop_scope`` is for its own fixtures: the emulator must serve in
+    the loop the tests run in (``asyncio_default_test_loop_scope``), or every connection to it hangs."""
+    pytester.makepyfile(test_loops=LOOP_TEST)
+    result = pytester.runpytest_inprocess(
+        "-o",
+        "asyncio_mode=auto",
+        "-o",
+        f"asyncio_default_fixture_loop_scope={fixture_loop}",
+        "-o",
+        f"asyncio_default_test_loop_scope={test_loop}",
+        *INNER_OPTIONS[2:],
+    )
+    result.assert_outcomes(passed=1)
+
+
 def test_strict_mode_without_the_asyncio_mark_does_not_silently_pass(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_unmarked="async def test_unmarked(discord_emulator):\n    assert discord_emulator.bot\n"

@@ -40,8 +40,9 @@ emulator is imported when a test first asks for the fixture.
 
 from __future__ import annotations
 
+import types
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
 
@@ -53,9 +54,11 @@ try:
 except ImportError:  # pragma: no cover - the fixture then explains what to install
     pytest_asyncio = None  # type: ignore[assignment]
 
-__all__ = ["discord_emulator"]
+__all__ = ["MARKER"]
 
 MARKER = "discord_emulator"
+
+_LoopScope = Literal["session", "package", "module", "class", "function"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,23 +67,37 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(**options): options for the discord_emulator fixture "
         "(tls, guilds, voice_channels, stage_channels, bots, or any Emulator keyword)",
     )
+    # The fixture is made here because its event loop must be the one the tests run in, which only the
+    # configuration knows: a project's asyncio_default_fixture_loop_scope is for its own fixtures, and an
+    # emulator serving in another loop than the test's would leave every connection to it hanging.
+    fixtures = types.ModuleType(f"{__name__}.fixtures")
+    if pytest_asyncio is not None:
+        fixture = pytest_asyncio.fixture(name=MARKER, loop_scope=_test_loop_scope(config))
+        setattr(fixtures, MARKER, fixture(_discord_emulator))
+    else:  # pragma: no cover
+        setattr(fixtures, MARKER, pytest.fixture(name=MARKER)(_needs_pytest_asyncio))
+    config.pluginmanager.register(fixtures, f"{__name__}.fixtures")
 
 
-if pytest_asyncio is not None:
+def _test_loop_scope(config: pytest.Config) -> _LoopScope:
+    """The loop scope pytest-asyncio runs tests in unless a test's mark says otherwise."""
+    try:
+        scope = config.getini("asyncio_default_test_loop_scope")
+    except ValueError:  # pytest-asyncio before 1.0 has no such option: tests run in a function loop
+        return "function"
+    return cast("_LoopScope", scope) if scope in ("session", "package", "module", "class") else "function"
 
-    @pytest_asyncio.fixture
-    async def discord_emulator(request: pytest.FixtureRequest) -> AsyncIterator[DiscordEmulator]:
-        """A started local Discord (see the module docstring), closed after the test."""
-        from cordvoice.emulator.fixture import DiscordEmulator  # noqa: PLC0415 - keep the plugin cheap to load
 
-        marker = request.node.get_closest_marker(MARKER)
-        options: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
-        async with DiscordEmulator(**options) as emulator:
-            yield emulator
+async def _discord_emulator(request: pytest.FixtureRequest) -> AsyncIterator[DiscordEmulator]:
+    """A started local Discord (see the module docstring), closed after the test."""
+    from cordvoice.emulator.fixture import DiscordEmulator  # noqa: PLC0415 - keep the plugin cheap to load
 
-else:  # pragma: no cover
+    marker = request.node.get_closest_marker(MARKER)
+    options: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
+    async with DiscordEmulator(**options) as emulator:
+        yield emulator
 
-    @pytest.fixture
-    def discord_emulator() -> None:
-        """Needs pytest-asyncio."""
-        pytest.fail("the discord_emulator fixture needs pytest-asyncio: pip install pytest-asyncio")
+
+def _needs_pytest_asyncio() -> None:  # pragma: no cover
+    """Needs pytest-asyncio."""
+    pytest.fail("the discord_emulator fixture needs pytest-asyncio: pip install pytest-asyncio")
