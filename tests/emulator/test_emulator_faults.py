@@ -139,6 +139,19 @@ async def test_withhold_acks_for_n_heartbeats_or_until_restored(world: VoiceWorl
     await raw.close()
 
 
+async def test_the_control_route_answers_a_bad_parameter_with_400(world: VoiceWorld) -> None:
+    emu = world.emu
+    member = await emu.add_participant(world.stage.id, name="gus")
+    auth = f"Emulator {emu.control_token}"
+    for query in ("count=0", "count=-2"):
+        target = f"/_emulator/fault?kind=withhold_acks&user_id={member.user_id}&{query}"
+        answer = await emu.control.handle(target, auth)
+        assert answer.status == 400, answer.body
+    with pytest.raises(InvalidArgumentError):
+        emu.faults.withhold_acks(member.user_id, count=0)
+    assert emu.faults.counts == {}
+
+
 # ---- main gateway: moves, kicks, deleted channels -------------------------------------------------------
 
 

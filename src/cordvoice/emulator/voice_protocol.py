@@ -541,11 +541,11 @@ class VoiceServerCore:
         self, user_id: int, withhold: bool, *, guild_id: int | None = None, count: int | None = None
     ) -> None:
         """Stop (or restart) answering the user's heartbeats; ``count`` limits it to the next N heartbeats."""
+        if count is not None and count < 1:
+            raise InvalidArgumentError("count must be >= 1 (or None: until restored)")
         record = self.live_record(user_id, guild_id)
         if record is None:
             raise EmulatorError(f"user {user_id} has no live voice session on server {self.server_id}")
-        if count is not None and count < 1:
-            raise EmulatorError("count must be >= 1 (or None: until restored)")
         record.withhold_acks = withhold
         record.acks_to_withhold = count if withhold else None
 
