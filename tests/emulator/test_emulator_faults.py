@@ -429,6 +429,19 @@ async def test_injected_rtp_has_the_requested_shape_on_the_wire(world: VoiceWorl
         await raw.close()
 
 
+async def test_a_dave_frame_a_participant_cannot_decrypt_wakes_its_waiters(world: VoiceWorld) -> None:
+    emu = world.emu
+    alice, bob = [await emu.add_participant(world.channel.id, name=name) for name in ("alice", "bob")]
+    await wait_converged([alice, bob], emu)
+    await alice.play([], silence=False)  # op 5: bob maps alice's SSRC
+    await bob.wait_until(lambda: [e[2] for e in bob.speaking_events if e[0] == alice.user_id][-2:] == [1, 0])
+    await asyncio.sleep(0.2)  # nothing else in flight: only the forged frame can wake bob's waiter
+    forged = b"\xfc not a DAVE frame" + bytes(8) + b"\xfa\xfa"
+    emu.faults.inject_rtp(bob.user_id, ssrc=alice.ssrc, payload=forged)
+    await bob.wait_until(lambda: bob.stats.dave_undecryptable[alice.user_id] == 1, timeout=1.0)
+    assert bob.frames_from(alice.user_id) == []
+
+
 async def test_hostile_packets_reach_a_participant_and_are_counted_there(world: VoiceWorld) -> None:
     emu = world.emu
     alice, bob, _ = await stage_trio(world)

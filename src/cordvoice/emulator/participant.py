@@ -614,6 +614,7 @@ class Participant:
         encrypted = payload.endswith(_DAVE_MARKER)
         opus = self._dave.decrypt(user_id, payload)
         if opus is None:
+            self._notify()  # dave_undecryptable moved: waiters on it re-check
             return
         frame = ReceivedFrame(
             user_id, header.ssrc, header.sequence, header.timestamp, header.marker, opus, now, encrypted
