@@ -429,6 +429,21 @@ async def test_injected_rtp_has_the_requested_shape_on_the_wire(world: VoiceWorl
         await raw.close()
 
 
+async def test_a_crafted_datagram_larger_than_udp_allows_is_refused(world: VoiceWorld) -> None:
+    emu = world.emu
+    member = await emu.add_participant(world.stage.id, name="hal")
+    too_big = bytes(65_508)
+    with pytest.raises(InvalidArgumentError, match="UDP"):
+        emu.faults.inject_raw(member.user_id, too_big)
+    with pytest.raises(InvalidArgumentError, match="UDP"):
+        emu.faults.inject_rtp(member.user_id, payload=too_big)
+    with pytest.raises(InvalidArgumentError, match="UDP"):
+        emu.faults.inject_rtcp(member.user_id, body=bytes(300_000))
+    assert emu.faults.counts == {}, "nothing was sent, so nothing is counted as injected"
+    emu.faults.inject_raw(member.user_id, bytes(65_507))  # the largest UDP payload still goes out
+    assert emu.voice_server().media.counters["send_errors"] == 0
+
+
 async def test_a_dave_frame_a_participant_cannot_decrypt_wakes_its_waiters(world: VoiceWorld) -> None:
     emu = world.emu
     alice, bob = [await emu.add_participant(world.channel.id, name=name) for name in ("alice", "bob")]

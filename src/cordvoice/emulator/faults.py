@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cordvoice.emulator.sfu import Address, ForwardHook, MediaEndpoint, MediaServer
+from cordvoice.emulator.sfu import Address, ForwardHook, MediaEndpoint, MediaServer, check_datagram_size
 from cordvoice.emulator.state import VoiceServer
 from cordvoice.emulator.voice_protocol import check_close_code
 from cordvoice.errors import EmulatorError, InvalidArgumentError
@@ -523,6 +523,7 @@ class Faults:
             body = struct.pack(">IIIIII", endpoint.ssrc, 0, 0, 0, 0, 0)
             count = 1
         body = bytes(body) + bytes(-len(body) % 4)
+        check_datagram_size(_RTCP_HEADER.size + len(body))  # before its length field overflows
         header = _RTCP_HEADER.pack((RTP_VERSION << 6) | count, packet_type, (8 + len(body)) // 4 - 1, ssrc)
         packet = self._seal(endpoint, header, body, wrong_key)
         media.inject(endpoint, packet)

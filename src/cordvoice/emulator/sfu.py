@@ -40,11 +40,13 @@ from cordvoice.udp import discovery
 from cordvoice.udp.crypto import TransportCipher
 
 __all__ = [
+    "MAX_UDP_PAYLOAD",
     "RECEIVE_BUFFER",
     "Address",
     "ForwardHook",
     "MediaEndpoint",
     "MediaServer",
+    "check_datagram_size",
     "enlarge_receive_buffer",
 ]
 
@@ -61,6 +63,8 @@ The hook owns the packet: it may drop it, duplicate it, hold it back or send it 
 """
 
 _MAX_DATAGRAM = 4096
+#: The largest UDP payload over IPv4 (65,535 minus the IP and UDP headers).
+MAX_UDP_PAYLOAD = 65_507
 _SO_TIMESTAMPNS: int | None = getattr(socket, "SO_TIMESTAMPNS", None)
 if _SO_TIMESTAMPNS is None and sys.platform == "linux" and platform.machine() in {"x86_64", "aarch64"}:
     _SO_TIMESTAMPNS = 35  # asm-generic/socket.h (x86 and arm); Python's socket module does not export it
@@ -121,6 +125,12 @@ class MediaEndpoint:
 
     def __repr__(self) -> str:
         return f"MediaEndpoint(user_id={self.user_id}, ssrc={self.ssrc}, address={self.address})"
+
+
+def check_datagram_size(size: int) -> None:
+    """Refuse a crafted datagram no UDP socket can send (it would fail in ``sendto``, counted but unsent)."""
+    if size > MAX_UDP_PAYLOAD:
+        raise InvalidArgumentError(f"a {size}-byte datagram exceeds UDP's {MAX_UDP_PAYLOAD}-byte payload")
 
 
 def enlarge_receive_buffer(sock: socket.socket, size: int = RECEIVE_BUFFER) -> None:
@@ -465,6 +475,7 @@ class MediaServer:
 
     def inject(self, endpoint: MediaEndpoint, datagram: bytes) -> None:
         """Send raw crafted bytes to a client's media address (after its Select Protocol)."""
+        check_datagram_size(len(datagram))
         if endpoint.address is None:
             raise EmulatorError(f"user {endpoint.user_id} has no media address yet (no Select Protocol)")
         self.counters["injected"] += 1
