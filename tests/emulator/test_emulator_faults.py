@@ -444,6 +444,14 @@ async def test_a_crafted_datagram_larger_than_udp_allows_is_refused(world: Voice
     assert emu.voice_server().media.counters["send_errors"] == 0
 
 
+@pytest.mark.parametrize("interval", [-0.02, math.nan, math.inf])
+async def test_play_refuses_a_pace_it_cannot_keep(world: VoiceWorld, interval: float) -> None:
+    speaker = await world.emu.add_participant(world.stage.id, name="ivy")
+    with pytest.raises(EmulatorError, match="interval"):
+        await asyncio.wait_for(speaker.play(opaque_frames(1, 2), interval=interval), 2.0)
+    assert speaker.stats.sent_packets == 0
+
+
 async def test_a_dave_frame_a_participant_cannot_decrypt_wakes_its_waiters(world: VoiceWorld) -> None:
     emu = world.emu
     alice, bob = [await emu.add_participant(world.channel.id, name=name) for name in ("alice", "bob")]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 import time
 from collections import Counter, deque
@@ -497,8 +498,8 @@ class Participant:
         ``interval`` changes the pacing (RTP timestamps still step by 960): a test that needs many packets,
         not real time, can send faster. Returns how many frames (silence excluded) were sent.
         """
-        if interval < 0:
-            raise EmulatorError("interval must be >= 0 seconds")
+        if not 0.0 <= interval < math.inf:  # NaN would skip the pacing, infinity hang after one frame
+            raise EmulatorError(f"interval must be finite and >= 0 seconds, got {interval!r}")
         sender = self._sender
         if sender is None or self._udp is None:
             raise EmulatorError("the participant has no transport yet (handshake not finished)")
