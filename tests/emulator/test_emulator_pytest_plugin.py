@@ -100,6 +100,33 @@ def test_the_fixture_serves_in_the_loop_the_tests_run_in(
     result.assert_outcomes(passed=1)
 
 
+OLD_PYTEST_ASYNCIO = """
+import pytest_asyncio
+
+_fixture = pytest_asyncio.fixture
+
+
+def _fixture_before_0_24(fixture_function=None, **kwargs):
+    if "loop_scope" in kwargs:
+        raise TypeError("fixture() got an unexpected keyword argument 'loop_scope'")
+    return _fixture(fixture_function, **kwargs)
+
+
+pytest_asyncio.fixture = _fixture_before_0_24
+
+
+def pytest_unconfigure(config):
+    pytest_asyncio.fixture = _fixture
+"""
+
+
+def test_the_fixture_works_with_a_pytest_asyncio_without_loop_scope(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(OLD_PYTEST_ASYNCIO)
+    pytester.makepyfile(test_old="async def test_old(discord_emulator):\n    assert discord_emulator.bot\n")
+    result = pytester.runpytest_inprocess("-o", "asyncio_mode=auto", *INNER_OPTIONS)
+    result.assert_outcomes(passed=1)
+
+
 def test_strict_mode_without_the_asyncio_mark_does_not_silently_pass(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_unmarked="async def test_unmarked(discord_emulator):\n    assert discord_emulator.bot\n"

@@ -72,8 +72,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # emulator serving in another loop than the test's would leave every connection to it hanging.
     fixtures = types.ModuleType(f"{__name__}.fixtures")
     if pytest_asyncio is not None:
-        fixture = pytest_asyncio.fixture(name=MARKER, loop_scope=_test_loop_scope(config))
-        setattr(fixtures, MARKER, fixture(_discord_emulator))
+        try:
+            made = pytest_asyncio.fixture(name=MARKER, loop_scope=_test_loop_scope(config))(_discord_emulator)
+        except TypeError:  # pytest-asyncio before 0.24 has no loop_scope: its fixtures use the test's loop
+            made = pytest_asyncio.fixture(name=MARKER)(_discord_emulator)
+        setattr(fixtures, MARKER, made)
     else:  # pragma: no cover
         setattr(fixtures, MARKER, pytest.fixture(name=MARKER)(_needs_pytest_asyncio))
     config.pluginmanager.register(fixtures, f"{__name__}.fixtures")
