@@ -165,6 +165,24 @@ async def test_a_rejected_token_is_explained_and_never_shown(
     assert secret not in captured.out + captured.err + caplog.text
 
 
+@pytest.mark.parametrize("token", [f"{TOKEN_SENTINEL[:8]}\n{TOKEN_SENTINEL[8:]}", f"{TOKEN_SENTINEL}\u20ac"])
+async def test_a_malformed_token_is_refused_and_never_shown(
+    world: World,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token pasted with a line break or a stray character cannot go in an HTTP header: no traceback."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("DISCORD_TOKEN", token)
+    assert await _cli("-vv", "record", *world.target()) == Exit.TOKEN
+    captured = capsys.readouterr()
+    assert "$DISCORD_TOKEN is not usable" in captured.err
+    secret = TOKEN_SENTINEL.rsplit(".", maxsplit=1)[-1]
+    assert secret not in captured.out + captured.err + caplog.text
+
+
 async def test_the_real_token_is_never_shown(
     world: World,
     sample: Path,

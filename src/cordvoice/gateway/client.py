@@ -163,6 +163,9 @@ class Client:
         if backoff_base < 0 or backoff_cap < 0:
             raise InvalidArgumentError("backoff_base and backoff_cap must be >= 0")
         self._token = token.strip().removeprefix("Bot ")
+        if not (self._token.isascii() and self._token.isprintable()) or " " in self._token:
+            # Checked here: the HTTP client would raise a ValueError quoting the whole token.
+            raise InvalidArgumentError("the bot token has spaces, line breaks or non-ASCII characters in it")
         self._protocol = GatewayProtocol(self._token, intents, compress=compress)
         self._gateway_url = gateway_url
         self._api_base = (api_base or os.environ.get(API_BASE_VARIABLE) or DISCORD_API_BASE).rstrip("/")
