@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from cordvoice import __version__
+from cordvoice.commands._run import Terminated
 from cordvoice.errors import VoiceError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 143
 
 
 if __name__ == "__main__":

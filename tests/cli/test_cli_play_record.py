@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
+import subprocess
+import sys
+import time
 import wave
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -68,6 +73,33 @@ async def test_record_on_the_emulator_writes_everyone(
         assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 200
         assert (out_dir / f"{user_id}.opus").read_bytes()[:4] == b"OggS"
     assert len(_wav(out_dir / "mixed.wav")) == 3 * 48_000
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, Exit.INTERRUPTED), (signal.SIGTERM, 143)])
+def test_a_stopped_recording_leaves_complete_files(tmp_path: Path, signum: int, status: int) -> None:
+    """Ctrl-C or SIGTERM mid-recording: the bot leaves and every file written so far is whole."""
+    out_dir = tmp_path / "rec"
+    argv = ["record", "--emulator", "--seconds", "60", "--out", str(out_dir)]
+    with subprocess.Popen(
+        [sys.executable, "-m", "cordvoice", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:  # the participants take turns from this line on
+            if "take turns talking" in line:
+                break
+        time.sleep(1.5)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == status, err
+    assert "Traceback" not in err
+    lengths = {path.name: _decoded_samples(path) for path in out_dir.iterdir()}
+    assert len(lengths) == 3, lengths  # the first talker's WAV and Ogg Opus, and mixed.wav
+    assert all(samples >= 48_000 for samples in lengths.values()), lengths
+
+
+def _decoded_samples(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(frame.samples for frame in container.decode(container.streams.audio[0]))
 
 
 def _wav(path: Path) -> np.ndarray:

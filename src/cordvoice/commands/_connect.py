@@ -67,6 +67,7 @@ class Exit(enum.IntEnum):
     NETWORK = 7
     AUDIO = 8
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 EXIT_CODES_HELP = """\
@@ -81,6 +82,7 @@ exit status:
   7    Discord (or the emulator) could not be reached
   8    the audio could not be read or written (missing file, unsupported format, unwritable folder)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM): stopped like Ctrl-C, so the bot leaves and the files written are complete
 
 The bot token is read from $DISCORD_TOKEN only, never from the command line, and is never printed.
 """

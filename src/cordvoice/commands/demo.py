@@ -7,13 +7,13 @@ the scenario and for how frames are counted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import TYPE_CHECKING
 
 from cordvoice.commands._logging import follow_verbosity
 from cordvoice.commands._progress import ProgressLine
+from cordvoice.commands._run import run_command
 
 if TYPE_CHECKING:
     from cordvoice.demo import DemoProgress
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        report = asyncio.run(run_demo(args.seconds, args.out, on_progress=show))
+        report = run_command(run_demo(args.seconds, args.out, on_progress=show))
     finally:
         progress.finish()
     if args.json:

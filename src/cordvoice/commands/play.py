@@ -24,6 +24,7 @@ from cordvoice.commands._connect import (
 )
 from cordvoice.commands._logging import follow_verbosity
 from cordvoice.commands._progress import ProgressLine
+from cordvoice.commands._run import run_command
 from cordvoice.errors import VoiceError
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cordvoice play: {args.source!r} is not a file (nor an URL)", file=sys.stderr)
         return Exit.AUDIO
     try:
-        return asyncio.run(_play(args))
+        return run_command(_play(args))
     except VoiceError as exc:
         print(f"cordvoice play: {exc}", file=sys.stderr)
         return exit_code_for(exc)

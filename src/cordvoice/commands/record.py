@@ -27,6 +27,7 @@ from cordvoice.commands._connect import (
 )
 from cordvoice.commands._logging import follow_verbosity
 from cordvoice.commands._progress import ProgressLine
+from cordvoice.commands._run import run_command
 from cordvoice.errors import VoiceError
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cordvoice record: cannot create {str(folder)!r}: {exc}", file=sys.stderr)
         return Exit.AUDIO
     try:
-        return asyncio.run(_record(args, folder))
+        return run_command(_record(args, folder))
     except VoiceError as exc:
         print(f"cordvoice record: {exc}", file=sys.stderr)
         return exit_code_for(exc)
