@@ -26,6 +26,7 @@ import pytest
 from cordvoice import cli
 from cordvoice.audio.samples import write_demo_ogg
 from cordvoice.commands._connect import Exit
+from cordvoice.demo import encode_speech
 from cordvoice.emulator import Emulator
 
 TOKEN_SENTINEL = "MTIz.not-a-real-token.c2VjcmV0LXNlbnRpbmVs"
@@ -95,6 +96,7 @@ def test_a_stopped_recording_leaves_complete_files(tmp_path: Path, signum: int, 
     lengths = {path.name: _decoded_samples(path) for path in out_dir.iterdir()}
     assert len(lengths) == 3, lengths  # the first talker's WAV and Ogg Opus, and mixed.wav
     assert all(samples >= 48_000 for samples in lengths.values()), lengths
+    assert len({samples for name, samples in lengths.items() if name.endswith(".wav")}) == 1, lengths
 
 
 def _decoded_samples(path: Path) -> int:
@@ -172,6 +174,22 @@ async def test_record_on_a_stage_channel_without_dave(
     ]
     assert await _cli(*args) == 0
     assert len(_wav(tmp_path / "mixed.wav")) == 24_000
+
+
+async def test_a_recording_that_ends_mid_sentence_is_exactly_seconds_long(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The frames the jitter buffer releases after the end do not make one member's files run longer."""
+    monkeypatch.setenv("DISCORD_TOKEN", world.token)
+    talker = await world.emu.add_participant(world.channel, name="talker")
+    talking = asyncio.ensure_future(talker.play(encode_speech(6.0, 1)))
+    try:
+        assert await _cli("record", "--seconds", "2", "--out", str(tmp_path), *world.target()) == 0
+    finally:
+        talking.cancel()
+    assert len(_wav(tmp_path / "mixed.wav")) == 2 * 48_000
+    assert len(_wav(tmp_path / f"{talker.user_id}.wav")) == 2 * 48_000
+    assert abs(_decoded_samples(tmp_path / f"{talker.user_id}.opus") - 2 * 48_000) < 960
 
 
 async def test_missing_token(

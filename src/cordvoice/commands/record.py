@@ -31,11 +31,16 @@ from cordvoice.commands._run import run_command
 from cordvoice.errors import VoiceError
 
 if TYPE_CHECKING:
-    from cordvoice.audio.sinks import MixedWavSink, PerUserOggSink, PerUserWavSink
+    from cordvoice.audio.receive_pipeline import VoiceFrame
+    from cordvoice.audio.sinks import MixedWavSink, PerUserOggSink, PerUserWavSink, Timeline
 
 __all__ = ["configure", "run"]
 
 logger = logging.getLogger(__name__)
+
+_FRAME_SECONDS = 0.02
+_BYTES_PER_SAMPLE = 4
+"""A 48 kHz stereo s16 sample (cordvoice.audio.pcm's layout, not imported for ``--help``)."""
 
 
 def _seconds(text: str) -> float:
@@ -92,8 +97,10 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
         mixed = MixedWavSink(folder / "mixed.wav", timeline=timeline)
         per_user_ogg = PerUserOggSink(folder, timeline=timeline)
         sinks: list[PerUserWavSink | MixedWavSink | PerUserOggSink] = [per_user_wav, mixed, per_user_ogg]
-        for sink in sinks:
-            receiver.add_sink(sink)
+        per_user = [_Until(sink, timeline, start + args.seconds) for sink in (per_user_wav, per_user_ogg)]
+        for cut in per_user:
+            receiver.add_sink(cut)
+        receiver.add_sink(mixed)
         talkers = None
         if connection.emulator is not None:
             talkers = asyncio.ensure_future(_emulated_talkers(connection, args.seconds))
@@ -110,7 +117,10 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
                 await asyncio.sleep(min(0.2, max(0.0, args.seconds - elapsed)))
         finally:
             progress.finish()
-            end = min(time.monotonic(), start + args.seconds)  # shorter when interrupted
+            # Interrupted: the end of the frames written by now, so that every file stops there.
+            end = min(time.monotonic() + _FRAME_SECONDS, start + args.seconds)
+            for cut in per_user:
+                cut.end = end
             await receiver.close(close_sinks=False)
             failures = []
             for sink in sinks:
@@ -156,3 +166,29 @@ async def _emulated_talkers(connection: Joined, seconds: float) -> None:
     )
     for talker, speech in zip(talkers, speeches, strict=True):
         await talker.play(speech)
+
+
+class _Until:
+    """Passes a per-user sink the audio before ``end`` on the timeline; a frame across it is cut there.
+
+    The receiver's flush at the end (and a late wake-up) hands over frames from past the end; without the
+    cut, the files of whoever talks at the end run longer than ``--seconds``, out of line with mixed.wav,
+    which its ``close(end_time)`` cuts. An Opus packet cannot be cut, so an Ogg file may end within a frame.
+    """
+
+    def __init__(self, sink: PerUserWavSink | PerUserOggSink, timeline: Timeline, end: float) -> None:
+        self.sink = sink
+        self.wants_pcm = sink.wants_pcm
+        self.end = end
+        self._timeline = timeline
+
+    def write(self, frame: VoiceFrame) -> None:
+        room = self._timeline.samples_until(self.end) - self._timeline.offset(frame.timeline_time)
+        if room <= 0:
+            return
+        if frame.pcm is not None and room < frame.samples:
+            frame = frame._replace(pcm=frame.pcm[: room * _BYTES_PER_SAMPLE], samples=room)
+        self.sink.write(frame)
+
+    def close(self) -> None:
+        self.sink.close()
