@@ -45,7 +45,7 @@ from cordvoice.audio.samples import melody, speech_like
 from cordvoice.audio.sinks import MixedWavSink, OggOpusSink, Timeline, WavSink
 from cordvoice.emulator.participant import Participant, ReceivedFrame
 from cordvoice.emulator.server import Emulator
-from cordvoice.errors import InvalidArgumentError, VoiceError
+from cordvoice.errors import AudioError, InvalidArgumentError, VoiceError
 from cordvoice.gateway.client import Client
 from cordvoice.session import Session
 from cordvoice.udp.rtp import OPUS_SILENCE
@@ -283,7 +283,7 @@ def write_participant_recording(
     same rule the cordvoice receiver uses), so arrival jitter does not move audio around. Silence frames are
     decoded (to keep the decoder's state) but not placed.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     total = max(0, round((end - start) * SAMPLE_RATE))
     mixed = np.zeros((total, CHANNELS), dtype=np.float32)
     written: list[Path] = []
@@ -321,11 +321,22 @@ def _place_stream(frames: list[ReceivedFrame], track: np.ndarray[Any, Any], star
 
 
 def _write_wav(path: Path, pcm: bytes) -> None:
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(CHANNELS)
-        writer.setsampwidth(SAMPLE_WIDTH)
-        writer.setframerate(SAMPLE_RATE)
-        writer.writeframes(pcm)
+    try:
+        with wave.open(str(path), "wb") as writer:
+            writer.setnchannels(CHANNELS)
+            writer.setsampwidth(SAMPLE_WIDTH)
+            writer.setframerate(SAMPLE_RATE)
+            writer.writeframes(pcm)
+    except OSError as exc:
+        raise AudioError(f"cannot write {str(path)!r}: {exc}") from exc
+
+
+def _make_folder(folder: Path) -> None:
+    """``mkdir -p``, failing as the AudioError run_demo promises (a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AudioError(f"cannot create the folder {str(folder)!r}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +397,7 @@ async def run_demo(
         raise InvalidArgumentError(f"seconds must be between {MIN_SECONDS:g} and {MAX_SECONDS:g}")
     began = time.monotonic()
     out = Path(out_dir)
-    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(_make_folder, out)
 
     def report(phase: str, **extra: Any) -> None:
         if on_progress is not None:
@@ -472,7 +483,7 @@ def _recorder_sinks(
     folder: Path, members: list[DemoMember], start: float
 ) -> list[WavSink | MixedWavSink | OggOpusSink]:
     """speaker-bot's recording: ``<name>.wav`` and ``<name>.opus`` per member, and ``mixed.wav``, aligned."""
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     timeline = Timeline(start)
     sinks: list[WavSink | MixedWavSink | OggOpusSink] = []
     for member in members:

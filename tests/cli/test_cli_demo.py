@@ -130,6 +130,20 @@ def test_demo_refuses_a_silly_length(capsys: pytest.CaptureFixture[str]) -> None
     assert "between 1 and 600 seconds" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("blocked", [".", "alice"])
+def test_demo_into_an_unusable_folder_says_so(
+    blocked: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where the demo needs a folder (--out itself, or alice's recordings) is a one-line error."""
+    out = tmp_path / "out"
+    if blocked != ".":
+        out.mkdir()
+    (out / blocked).write_text("in the way")
+    assert cli.main(["demo", "--seconds", "1", "--out", str(out)]) == 1
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith("cordvoice demo: cannot create") and str(out / blocked) in message
+
+
 def _read(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path)) as file:
         frames = file.getnframes()
