@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -185,3 +186,26 @@ def test_the_command_line_and_the_control_route_know_the_same_fault_kinds() -> N
     assert "emulate" in cli.COMMANDS
     help_text = cli.build_parser("emulate").format_help()
     assert "emulate" in help_text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "argument --port: 70000 is not a port number (0 to 65535)"),
+        (["--voice-port", "-1"], "argument --voice-port: -1 is not a port number (0 to 65535)"),
+        (["fault", "--api", "127.0.0.1:9", "--token", "t", "--ca", "/no/such/ca.pem", "crash"], "CA file"),
+    ],
+)
+async def test_emulate_refuses_bad_arguments_in_one_line(args: list[str], message: str) -> None:
+    code, _, err = await run_cli("emulate", *args)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+async def test_emulate_on_a_port_in_use_says_so() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await run_cli("emulate", "--port", str(port))
+    assert code == 1 and "Traceback" not in err, err
+    assert f"cordvoice emulate: cannot serve on 127.0.0.1:{port}" in err and not out

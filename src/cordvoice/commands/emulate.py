@@ -60,11 +60,11 @@ _CONTROL_PREFIX = "/_emulator"  # cordvoice.emulator.control.CONTROL_PREFIX, wit
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of the standalone emulator, and the ``fault`` / ``info`` client actions."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="gateway/API port (default: a free one)")
+    parser.add_argument("--port", type=_port, default=0, help="gateway/API port (default: a free one)")
     parser.add_argument("--voice-servers", type=int, default=1, metavar="N", help="voice servers (default 1)")
     parser.add_argument(
         "--voice-port",
-        type=int,
+        type=_port,
         action="append",
         default=[],
         metavar="PORT",
@@ -108,6 +108,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     fault.add_argument("params", nargs="*", metavar="NAME=VALUE", help="its keyword arguments")
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0 to 65535)")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "emulate_action", None)
     if action in ("fault", "info"):
@@ -136,6 +146,11 @@ async def _serve(args: argparse.Namespace) -> int:
             "in with the printed tokens and inject faults",
             file=sys.stderr,
         )
+    try:
+        await emu.start()
+    except OSError as exc:  # the address is taken, or not one of this machine's
+        print(f"cordvoice emulate: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -144,24 +159,24 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
             handled.append(signum)
     try:
-        async with emu:
-            populate(
-                emu,
-                guilds=args.guilds,
-                voice_channels=args.channels,
-                stage_channels=args.stages,
-                bots=args.bots,
-            )
-            details = describe(emu)
-            if args.json:
-                print(json.dumps(details, separators=(",", ":")))
-            else:
-                print(_human(details))
-            sys.stdout.flush()
-            await stop.wait()
+        populate(
+            emu,
+            guilds=args.guilds,
+            voice_channels=args.channels,
+            stage_channels=args.stages,
+            bots=args.bots,
+        )
+        details = describe(emu)
+        if args.json:
+            print(json.dumps(details, separators=(",", ":")))
+        else:
+            print(_human(details))
+        sys.stdout.flush()
+        await stop.wait()
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
+        await emu.close()
     print("cordvoice emulator stopped", file=sys.stderr)
     return 0
 
@@ -238,7 +253,11 @@ def _call_control(args: argparse.Namespace) -> int:
             query[name] = value
         url = f"{base}/fault?{urlencode(query)}"
     request = urllib.request.Request(url, headers={"Authorization": f"Emulator {args.token}"})
-    context = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    try:
+        context = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    except OSError as exc:
+        print(f"{command}: cannot load the CA file {args.ca!r}: {exc}", file=sys.stderr)
+        return 2
     try:
         with urllib.request.urlopen(request, timeout=30, context=context) as response:
             body = json.load(response)
