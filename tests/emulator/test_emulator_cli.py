@@ -209,3 +209,16 @@ async def test_emulate_on_a_port_in_use_says_so() -> None:
         code, out, err = await run_cli("emulate", "--port", str(port))
     assert code == 1 and "Traceback" not in err, err
     assert f"cordvoice emulate: cannot serve on 127.0.0.1:{port}" in err and not out
+
+
+async def test_a_quiet_emulate_logs_no_connection_events() -> None:
+    """Like the other long-running commands, `cordvoice emulate` shows the wire log only with -v."""
+    async with running_emulator() as (process, info):
+        gateway = await RawGateway.login(_Emu(info["gateway_url"]), info["bots"][0]["token"])  # type: ignore[arg-type]
+        await gateway.close()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await process.wait() == 0
+        assert process.stderr is not None
+        err = (await process.stderr.read()).decode()
+    assert "INFO" not in err and "cordvoice emulator stopped" in err, err

@@ -28,6 +28,8 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from cordvoice.commands._logging import follow_verbosity
+
 __all__ = ["FAULT_KIND_NAMES", "configure", "run"]
 
 #: The fault kinds the control route accepts (``cordvoice.emulator.control.FAULT_KINDS``), listed here so that
@@ -122,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     action = getattr(args, "emulate_action", None)
     if action in ("fault", "info"):
         return _call_control(args)
+    follow_verbosity()
     return asyncio.run(_serve(args))
 
 
