@@ -308,6 +308,7 @@ async def test_unreadable_audio(world: World, tmp_path: Path, monkeypatch: pytes
         (["record", "--emulator", "--guild", "1"], "--emulator creates its own guild"),
         (["play", "x.ogg", "--guild", "abc", "--channel", "1"], "is not a numeric Discord id"),
         (["record", "--emulator", "--seconds", "-1"], "more than 0"),
+        (["record", "--emulator", "--join-timeout", "nan"], "--join-timeout must be positive"),
     ],
 )
 def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -163,7 +163,7 @@ def check_target_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             )
     elif args.guild is None or args.channel is None:
         parser.error("--guild and --channel are required (or use --emulator to try it locally)")
-    if args.join_timeout <= 0:
+    if not args.join_timeout > 0:  # NaN too: asyncio would time out at once, with a bare TimeoutError
         parser.error("--join-timeout must be positive")
 
 
