@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,6 +134,35 @@ def test_bench_command_line_summary_and_bad_arguments(capsys: pytest.CaptureFixt
     assert "--sessions" in capsys.readouterr().err
     with pytest.raises(BenchError, match="--sfu-reads"):
         run_send(sessions=1, seconds=1.0, sfu_reads="sometimes")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["encode", "--streams", "1", "--seconds", "nan"], "--seconds: must be a positive number of seconds"),
+        (["memory", "--sessions", "1", "--seconds", "-1"], "--seconds: must be a positive number of seconds"),
+        (["send", "--sessions", "1", "--seconds", "0.1", "--warmup", "-1"], "--warmup: must be 0 or more"),
+        (["encode", "--streams", "1", "--seconds", "0.1", "--bitrate", "0"], "--bitrate: must be 6000 to"),
+    ],
+)
+def test_bench_refuses_impossible_numbers(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["bench", *argv])
+    assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_join_needs_a_channel_size_and_profiles_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", "join", "--members", ",", "--runs", "1"]) == 1
+    assert "--members" in capsys.readouterr().err
+    in_the_way = tmp_path / "profiles"
+    in_the_way.write_text("a file")
+    argv = ["bench", "encode", "--streams", "1", "--seconds", "0.1", "--profile", str(in_the_way)]
+    assert cli.main(argv) == 1
+    assert "cordvoice bench: cannot create the --profile folder" in capsys.readouterr().err
 
 
 def test_bench_receive() -> None:

@@ -10,11 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from cordvoice.errors import InvalidArgumentError
+
 __all__ = ["configure", "run"]
+
+_MIN_BITRATE, _MAX_BITRATE = 6_000, 510_000
+"""What libopus accepts (cordvoice.audio.opus checks it too, but only inside the benchmark's workers)."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     send = subparsers.add_parser("send", help="N sessions streaming Opus passthrough to the emulator")
     send.add_argument("--sessions", type=int, default=100, help="concurrent voice sessions (default 100)")
-    send.add_argument("--seconds", type=float, default=10.0, help="measurement window (default 10)")
+    send.add_argument("--seconds", type=_seconds, default=10.0, help="measurement window (default 10)")
     send.add_argument("--dave", action=argparse.BooleanOptionalAction, default=True, help="DAVE channels")
     send.add_argument("--mode", choices=("aes", "xchacha"), default="aes", help="transport encryption")
     send.add_argument("--peer", choices=("discordpy",), help="run the same workload with discord.py too")
@@ -42,12 +48,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="timer",
         help="the emulator reads its media socket every 1 ms (default: sends never wake it) or when readable",
     )
-    send.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before measuring")
+    send.add_argument("--warmup", type=_warmup, default=3.0, help="seconds of streaming before measuring")
     send.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
 
     receive = subparsers.add_parser("receive", help="per-packet cost of receiving N speaking users")
     receive.add_argument("--users", type=int, default=200, help="users speaking at once (default 200)")
-    receive.add_argument("--seconds", type=float, default=10.0, help="audio per measurement (default 10)")
+    receive.add_argument("--seconds", type=_seconds, default=10.0, help="audio per measurement (default 10)")
     receive.add_argument(
         "--senders", type=int, default=16, help="real DAVE group members sending (default 16)"
     )
@@ -61,8 +67,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     encode = subparsers.add_parser("encode", help="streams per core encoding from PCM and from MP3")
     encode.add_argument("--streams", type=int, default=40, help="players running at once (default 40)")
-    encode.add_argument("--seconds", type=float, default=10.0, help="measurement window (default 10)")
-    encode.add_argument("--bitrate", type=int, default=96_000, help="Opus bitrate in bit/s (default 96000)")
+    encode.add_argument("--seconds", type=_seconds, default=10.0, help="measurement window (default 10)")
+    encode.add_argument(
+        "--bitrate", type=_bitrate, default=96_000, help="Opus bitrate in bit/s (default 96000)"
+    )
     encode.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
 
     join = subparsers.add_parser("join", help="join_channel to the first heard frame, with DAVE")
@@ -72,12 +80,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     memory = subparsers.add_parser("memory", help="RSS per idle and per playing session")
     memory.add_argument("--sessions", type=int, default=200, help="sessions (default 200)")
-    memory.add_argument("--seconds", type=float, default=5.0, help="seconds of playing (default 5)")
+    memory.add_argument("--seconds", type=_seconds, default=5.0, help="seconds of playing (default 5)")
     memory.add_argument("--dave", action=argparse.BooleanOptionalAction, default=True, help="DAVE channels")
     memory.add_argument("--uvloop", action="store_true", help="run the bot on uvloop")
 
     for sub in (send, receive, encode, join, memory):
         sub.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < math.inf:  # NaN fails too: it would reach asyncio as a timeout
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _warmup(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    return value
+
+
+def _bitrate(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bit/s") from None
+    if not _MIN_BITRATE <= value <= _MAX_BITRATE:
+        raise argparse.ArgumentTypeError(f"must be {_MIN_BITRATE} to {_MAX_BITRATE} bit/s")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
 def _dispatch(args: argparse.Namespace, level: int) -> dict[str, Any]:
     profile: Path | None = getattr(args, "profile", None)
     if profile is not None:
-        profile.mkdir(parents=True, exist_ok=True)
+        try:
+            profile.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot create the --profile folder: {exc}") from None
     if args.benchmark == "send":
         from cordvoice.bench.send import run_send  # noqa: PLC0415 - imported only when chosen
 
@@ -135,12 +177,13 @@ def _dispatch(args: argparse.Namespace, level: int) -> dict[str, Any]:
         )
     if args.benchmark == "join":
         from cordvoice.bench.join import run_join  # noqa: PLC0415
-        from cordvoice.errors import InvalidArgumentError  # noqa: PLC0415
 
         try:
             sizes = tuple(int(part) for part in args.members.split(",") if part.strip())
         except ValueError:
-            raise InvalidArgumentError("--members takes comma-separated integers, e.g. 2,10") from None
+            sizes = ()
+        if not sizes:
+            raise InvalidArgumentError("--members takes comma-separated integers, e.g. 2,10")
         return run_join(members=sizes, runs=args.runs, uvloop=args.uvloop, log_level=level)
     from cordvoice.bench.memory import run_memory  # noqa: PLC0415
 
