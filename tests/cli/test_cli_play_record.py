@@ -293,6 +293,33 @@ async def test_unreachable_discord(
     assert "could not reach" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "api_base", ["discord.com/api/v10", "http://localhost:port/api/v10", "http://[::1/api"]
+)
+async def test_a_malformed_api_base_is_a_network_error(
+    api_base: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN_SENTINEL)
+    assert await _cli("record", "--api-base", api_base, "--guild", "1", "--channel", "2") == Exit.NETWORK
+    assert f"could not reach {api_base}/gateway/bot" in capsys.readouterr().err
+
+
+async def test_an_api_base_that_is_not_http_is_a_network_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    api_base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/v10"
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN_SENTINEL)
+    async with server:
+        assert await _cli("record", "--api-base", api_base, "--guild", "1", "--channel", "2") == Exit.NETWORK
+    assert "BadStatusLine" in capsys.readouterr().err
+
+
 async def test_unreadable_audio(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISCORD_TOKEN", world.token)
     assert await _cli("play", str(tmp_path / "missing.ogg"), *world.target()) == Exit.AUDIO

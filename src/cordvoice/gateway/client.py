@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -328,11 +329,11 @@ class Client:
 
     async def _discover_gateway(self) -> str:
         url = f"{self._api_base}/gateway/bot"
-        request = urllib.request.Request(
-            url, headers={"Authorization": f"Bot {self._token}", "User-Agent": _user_agent()}
-        )
 
         def fetch() -> bytes:
+            request = urllib.request.Request(
+                url, headers={"Authorization": f"Bot {self._token}", "User-Agent": _user_agent()}
+            )
             with urllib.request.urlopen(request, timeout=10.0, context=self._ssl) as response:
                 body: bytes = response.read()
                 return body
@@ -345,6 +346,10 @@ class Client:
             raise GatewayError(f"GET {url} failed with HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise GatewayError(f"could not reach {url}: {exc}") from None
+        except (ValueError, http.client.HTTPException) as exc:  # not an http(s) URL, or no HTTP server there
+            raise GatewayError(
+                f"could not reach {url} ({type(exc).__name__}: {exc}): is it the http(s) URL of an API?"
+            ) from None
         try:
             gateway = json.loads(body)["url"]
         except (ValueError, KeyError, TypeError):
