@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -76,14 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here rather than at exit, so that a closed pipe is handled below
     except VoiceError as exc:
         print(f"cordvoice {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader left (`cordvoice doctor | head -1`): stop quietly, and point stdout at /dev/null so
+        # that the interpreter's flush at exit does not report the same broken pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         return 130
     except Terminated:
         return 143
+    return status
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,19 @@ def test_python_dash_m_works_too() -> None:
     result = _run("--version", command=[sys.executable, "-m", "cordvoice"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"cordvoice {cordvoice.__version__}"
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_reader_that_leaves_early_gets_no_traceback(unbuffered: str) -> None:
+    """``cordvoice doctor | head -1``: the pipe closes under the command, which stops without a traceback."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    with subprocess.Popen(
+        [*_command(), "doctor"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        err = process.stderr.read()
+    assert process.returncode == 1 and err == ""
 
 
 def test_no_command_prints_help_and_fails() -> None:
