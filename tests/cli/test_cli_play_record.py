@@ -159,6 +159,44 @@ async def test_play_on_discord_plays_to_the_channel(
     assert sum(frame.dave for frame in frames) == 51
 
 
+async def test_play_says_when_the_bot_is_disconnected_halfway(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = tmp_path / "long.ogg"
+    write_demo_ogg(long, 20.0)
+    listener = await world.emu.add_participant(world.channel, name="listener")
+    monkeypatch.setenv("DISCORD_TOKEN", world.token)
+    playing = asyncio.ensure_future(_cli("play", str(long), *world.target()))
+    await listener.wait_for_frames(world.bot_id, 25)
+    world.emu.faults.kick(world.bot_id)
+    async with asyncio.timeout(10):
+        assert await playing == Exit.ERROR
+    captured = capsys.readouterr()
+    assert "the bot was disconnected from the channel" in captured.err
+    assert "played" not in captured.out
+
+
+async def test_record_stops_when_the_bot_is_disconnected(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    talker = await world.emu.add_participant(world.channel, name="talker")
+    talking = asyncio.ensure_future(talker.play(encode_speech(10.0, 1)))
+    monkeypatch.setenv("DISCORD_TOKEN", world.token)
+    recording = asyncio.ensure_future(
+        _cli("record", "--seconds", "60", "--out", str(tmp_path), *world.target())
+    )
+    try:
+        await asyncio.sleep(1.5)
+        world.emu.faults.kick(world.bot_id)
+        async with asyncio.timeout(10):
+            assert await recording == Exit.ERROR
+    finally:
+        talking.cancel()
+    assert "the bot was disconnected from the channel" in capsys.readouterr().err
+    kept = len(_wav(tmp_path / "mixed.wav"))
+    assert 48_000 < kept < 3 * 48_000 and len(_wav(tmp_path / f"{talker.user_id}.wav")) == kept
+
+
 async def test_record_on_a_stage_channel_without_dave(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

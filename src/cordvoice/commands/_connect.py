@@ -44,6 +44,7 @@ __all__ = [
     "check_target_arguments",
     "exit_code_for",
     "joined",
+    "left_early",
     "wait_same_epoch",
 ]
 
@@ -342,6 +343,14 @@ async def _in_channel(
     finally:
         with contextlib.suppress(VoiceError):
             await voice.close()
+
+
+def left_early(session: Session) -> CommandError | None:
+    """The error to end with when the session ended without the command asking (kicked, channel deleted)."""
+    event = session.disconnected_event
+    if event is None:
+        return None
+    return CommandError(Exit.ERROR, f"the bot was disconnected from the channel: {event.reason}")
 
 
 def _join_timeout_message(client: Client, guild_id: int, channel_id: int, timeout: float) -> str:

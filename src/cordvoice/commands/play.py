@@ -20,6 +20,7 @@ from cordvoice.commands._connect import (
     check_target_arguments,
     exit_code_for,
     joined,
+    left_early,
     wait_same_epoch,
 )
 from cordvoice.commands._logging import follow_verbosity
@@ -98,6 +99,8 @@ async def _play(args: argparse.Namespace) -> int:
             raise CommandError(Exit.AUDIO, f"could not play {args.source!r}: {exc}") from exc
         finally:
             progress.finish()
+        if (error := left_early(session)) is not None:  # the track ended because the session did
+            raise error
         await session.stop_speaking()
         stats = session.stats
         lateness = stats.clock_lateness

@@ -23,6 +23,7 @@ from cordvoice.commands._connect import (
     check_target_arguments,
     exit_code_for,
     joined,
+    left_early,
     wait_same_epoch,
 )
 from cordvoice.commands._logging import follow_verbosity
@@ -106,7 +107,7 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
             talkers = asyncio.ensure_future(_emulated_talkers(connection, args.seconds))
         progress = ProgressLine(sys.stderr)
         try:
-            while (elapsed := time.monotonic() - start) < args.seconds:
+            while (elapsed := time.monotonic() - start) < args.seconds and not connection.session.closed:
                 heard = receiver.users
                 frames = sum(receiver.stats(user).delivered for user in heard)
                 progress.update(
@@ -137,6 +138,8 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
                 raise CommandError(
                     Exit.AUDIO, f"could not finish the recording: {failures[0]}"
                 ) from failures[0]
+        if (error := left_early(connection.session)) is not None:
+            raise CommandError(error.status, f"{error}; what was recorded until then is in {folder}")
         files = [*per_user_wav.paths.values(), mixed.path, *per_user_ogg.paths.values()]
         print(f"recorded {args.seconds:g} s of channel {connection.channel_id} into {folder}:")
         for user_id in sorted(per_user_wav.paths):
