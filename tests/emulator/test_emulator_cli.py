@@ -194,6 +194,7 @@ def test_the_command_line_and_the_control_route_know_the_same_fault_kinds() -> N
         (["--port", "70000"], "argument --port: 70000 is not a port number (0 to 65535)"),
         (["--voice-port", "-1"], "argument --voice-port: -1 is not a port number (0 to 65535)"),
         (["fault", "--api", "127.0.0.1:9", "--token", "t", "--ca", "/no/such/ca.pem", "crash"], "CA file"),
+        (["info", "--api", "http://[::1", "--token", "t"], "--api 'http://[::1' is not a URL"),
     ],
 )
 async def test_emulate_refuses_bad_arguments_in_one_line(args: list[str], message: str) -> None:
@@ -222,3 +223,16 @@ async def test_a_quiet_emulate_logs_no_connection_events() -> None:
         assert process.stderr is not None
         err = (await process.stderr.read()).decode()
     assert "INFO" not in err and "cordvoice emulator stopped" in err, err
+
+
+async def test_emulate_info_from_something_that_is_not_an_emulator_says_so() -> None:
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        writer.close()
+
+    async with await asyncio.start_server(not_http, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        for api in (f"127.0.0.1:{port}", "127.0.0.1:port"):
+            code, _, err = await run_cli("emulate", "info", "--api", api, "--token", "t")
+            assert code == 1 and "cannot reach the emulator" in err and "Traceback" not in err, err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -243,7 +244,11 @@ def _call_control(args: argparse.Namespace) -> int:
     if not args.token:
         print(f"{command}: pass --token (or set {_TOKEN_VARIABLE}); the emulator printed it", file=sys.stderr)
         return 2
-    base = _control_base(args.api)
+    try:
+        base = _control_base(args.api)
+    except ValueError as exc:
+        print(f"{command}: --api {args.api!r} is not a URL: {exc}", file=sys.stderr)
+        return 2
     if args.emulate_action == "info":
         url = f"{base}/info"
     else:
@@ -271,7 +276,7 @@ def _call_control(args: argparse.Namespace) -> int:
             message = exc.reason
         print(f"{command}: {exc.code}: {message}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         print(f"{command}: cannot reach the emulator at {base}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(body, indent=None if args.emulate_action == "fault" else 2))
