@@ -230,6 +230,23 @@ async def test_a_recording_that_ends_mid_sentence_is_exactly_seconds_long(
     assert abs(_decoded_samples(tmp_path / f"{talker.user_id}.opus") - 2 * 48_000) < 960
 
 
+async def test_a_file_that_cannot_be_written_fails_the_recording(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder where the talker's WAV should go: status 8 and why, and the other files are still whole."""
+    monkeypatch.setenv("DISCORD_TOKEN", world.token)
+    talker = await world.emu.add_participant(world.channel, name="talker")
+    (tmp_path / f"{talker.user_id}.wav").mkdir()
+    talking = asyncio.ensure_future(talker.play(encode_speech(3.0, 1)))
+    try:
+        assert await _cli("record", "--seconds", "2", "--out", str(tmp_path), *world.target()) == Exit.AUDIO
+    finally:
+        talking.cancel()
+    assert f"cannot create {str(tmp_path / f'{talker.user_id}.wav')!r}" in capsys.readouterr().err
+    assert len(_wav(tmp_path / "mixed.wav")) == 2 * 48_000
+    assert abs(_decoded_samples(tmp_path / f"{talker.user_id}.opus") - 2 * 48_000) < 960
+
+
 async def test_missing_token(
     world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -123,7 +123,7 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
             for cut in per_user:
                 cut.end = end
             await receiver.close(close_sinks=False)
-            failures = []
+            failures = [cut.error for cut in per_user if cut.error is not None]
             for sink in sinks:
                 try:
                     sink.close(end_time=end)
@@ -177,12 +177,16 @@ class _Until:
     The receiver's flush at the end (and a late wake-up) hands over frames from past the end; without the
     cut, the files of whoever talks at the end run longer than ``--seconds``, out of line with mixed.wav,
     which its ``close(end_time)`` cuts. An Opus packet cannot be cut, so an Ogg file may end within a frame.
+
+    A user's file that cannot be written is kept in ``error`` for the command to fail with at the end; the
+    receiver would otherwise detach the whole sink, every user's files with it, and the command exit 0.
     """
 
     def __init__(self, sink: PerUserWavSink | PerUserOggSink, timeline: Timeline, end: float) -> None:
         self.sink = sink
         self.wants_pcm = sink.wants_pcm
         self.end = end
+        self.error: VoiceError | None = None
         self._timeline = timeline
 
     def write(self, frame: VoiceFrame) -> None:
@@ -191,7 +195,10 @@ class _Until:
             return
         if frame.pcm is not None and room < frame.samples:
             frame = frame._replace(pcm=frame.pcm[: room * _BYTES_PER_SAMPLE], samples=room)
-        self.sink.write(frame)
+        try:
+            self.sink.write(frame)
+        except VoiceError as exc:  # this user's file only (a full disk, a folder in the way)
+            self.error = self.error or exc
 
     def close(self) -> None:
         self.sink.close()
