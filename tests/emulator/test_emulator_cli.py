@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import sys
@@ -158,24 +159,45 @@ async def test_emulate_with_tls_prints_a_ca_file_that_exists() -> None:
         assert not ca.exists(), "the temporary CA is removed on exit"  # noqa: ASYNC240
 
 
-async def test_non_loopback_host_prints_a_warning(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # Binding a real non-loopback address in a test is not allowed: pretend 127.0.0.1 is one.
-    monkeypatch.setattr(emulate, "_is_loopback", lambda host: False)
+async def served_in_process(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, str]:
+    """What ``cordvoice emulate ARGV`` prints before it serves (run in this event loop, then stopped)."""
     parser = argparse.ArgumentParser()
     emulate.configure(parser)
-    args = parser.parse_args(["--guilds", "2", "--stages", "0"])
-    serving = asyncio.create_task(emulate._serve(args))
+    serving = asyncio.create_task(emulate._serve(parser.parse_args(argv)))
     out = err = ""
     async with asyncio.timeout(10):
-        while "gateway URL" not in out:
+        while "faults:" not in out:
             await asyncio.sleep(0.05)
             captured = capsys.readouterr()
             out, err = out + captured.out, err + captured.err
     serving.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await serving
+    return out, err
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_emulate_says_how_to_point_a_cordvoice_bot_at_it(
+    tls: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cordvoice bot's Voice verifies TLS by default: a plain emulator needs ssl=False, a TLS one its CA."""
+    out, _ = await served_in_process(capsys, *(["--tls"] if tls else []))
+    api_base = re.search(r"API base +(\S+)", out)
+    assert api_base is not None, out
+    assert f"CORDVOICE_API_BASE={api_base.group(1)}" in out
+    if tls:
+        ca_file = re.search(r"CA file +(\S+)", out)
+        assert ca_file is not None and f"SSL_CERT_FILE={ca_file.group(1)}" in out
+    else:
+        assert "Voice(client, ssl=False)" in out
+
+
+async def test_non_loopback_host_prints_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Binding a real non-loopback address in a test is not allowed: pretend 127.0.0.1 is one.
+    monkeypatch.setattr(emulate, "_is_loopback", lambda host: False)
+    out, err = await served_in_process(capsys, "--guilds", "2", "--stages", "0")
     assert "warning: binding 127.0.0.1, which is not a loopback address" in err
     assert out.count("  guild ") == 2 and "stage channel" not in out
     assert "CORDVOICE_EMULATOR_TOKEN=" in out and "voice channel General" in out

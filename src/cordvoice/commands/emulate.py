@@ -219,8 +219,15 @@ def _human(details: dict[str, Any]) -> str:
         lines.extend(
             f"    stage channel {c['name']}  id {c['id']}  (DAVE version 0)" for c in guild["stage_channels"]
         )
+    # Voice verifies TLS by default, so a plain emulator's ws:// voice servers need ssl=False.
+    trust = (
+        f"SSL_CERT_FILE={details['ca_file']}"
+        if details["ca_file"]
+        else "and Voice(client, ssl=False) (the voice servers speak plain ws://)"
+    )
     lines += [
         "",
+        f"  cordvoice:   CORDVOICE_API_BASE={details['api_base']} {trust}",
         "  discord.py:  discord.http.Route.BASE = API base; DiscordWebSocket.DEFAULT_GATEWAY = gateway URL",
         "               (or cordvoice.emulator.for_discordpy.discordpy_pointed_at)",
         f"  faults:      {_TOKEN_VARIABLE}={details['control_token']} "
