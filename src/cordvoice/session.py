@@ -249,6 +249,7 @@ class Session:
         self._interrupt: _Interrupt | None = None
         self._expect_null_state = 0
         self._last_close_code: int | None = None
+        self._last_failure: str | None = None
         self._udp_failed = False
         self._unsent: list[str | bytes] = []
         self._replies_dropped = 0
@@ -398,6 +399,11 @@ class Session:
         return self._final
 
     @property
+    def last_failure(self) -> str | None:
+        """Why the latest voice connection attempt failed (its ReconnectingEvent's reason), if one did."""
+        return self._last_failure
+
+    @property
     def stats(self) -> SessionStats:
         lane = self._lane.stats
         udp = self._udp_stats
@@ -485,6 +491,8 @@ class Session:
             unsubscribe_final()
 
     def _emit(self, event: SessionEvent) -> None:
+        if isinstance(event, ReconnectingEvent):
+            self._last_failure = event.reason
         self._events.emit(event)
 
     # ==== sending audio ====================================================================================

@@ -216,10 +216,14 @@ class Voice:
                 await session.wait_ready()
         except TimeoutError:
             await self._abandon(session)
-            raise JoinTimeoutError(
-                f"joining voice channel {channel_id} in guild {guild_id} took longer than {wait:.1f} s: "
-                "check that the channel exists, is not full, and that the bot may connect to it"
-            ) from None
+            failure = session.last_failure
+            hint = (
+                f"every voice connection failed, the last one with: {failure}"
+                if failure is not None
+                else "check that the channel exists, is not full, and that the bot may connect to it"
+            )
+            joining = f"joining voice channel {channel_id} in guild {guild_id}"
+            raise JoinTimeoutError(f"{joining} took longer than {wait:.1f} s: {hint}") from None
         except BaseException:
             await self._abandon(session)
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from dataclasses import replace
 
 import pytest
 
@@ -45,6 +47,18 @@ async def test_client_join_timeout_leaves_nothing_behind(loop_errors: LoopErrors
     assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None)], "asked to join, then left"
     await voice.close()
     assert adapter.listener is None
+
+
+async def test_client_join_timeout_names_why_the_voice_connections_failed(loop_errors: LoopErrors) -> None:
+    async with RawVoiceServer() as server:
+        # A TLS client against a plain voice gateway (an emulator without tls=True) retries until the timeout.
+        slower = replace(FAST_RECONNECT, backoff_base=0.3)  # the join times out before retries run out
+        voice = make_voice(FakeAdapter(server.endpoint), ssl=ssl.create_default_context(), reconnect=slower)
+        with pytest.raises(JoinTimeoutError) as caught:
+            await voice.join_channel(GUILD, CHANNEL, timeout=1.0)
+        assert "could not connect to the voice gateway at wss://" in str(caught.value)
+        assert "check that the channel exists" not in str(caught.value)
+        await voice.close()
 
 
 async def test_client_gateway_session_lost_during_the_join_sends_op4_again(loop_errors: LoopErrors) -> None:
