@@ -295,6 +295,24 @@ def test_decoder_resamples_other_formats(
     assert compare(source, b"".join(frames), max_lag=3000).correlation > min_correlation
 
 
+def test_decoder_follows_a_rate_or_channel_change_mid_stream() -> None:
+    # Concatenated MP3s (podcasts, radio streams) switch sample rate or channels between frames.
+    first, second, third = (speech_like(1.0, voice=voice) for voice in (0, 1, 2))
+    data = (
+        write_container(first, "mp3", "libmp3lame", rate=44_100, sample_format="s16p")
+        + write_container(second, "mp3", "libmp3lame", rate=48_000, sample_format="s16p")
+        + write_container(third, "mp3", "libmp3lame", rate=44_100, layout="mono", sample_format="s16p")
+    )
+    with PCMDecoder(io.BytesIO(data)) as decoder:
+        frames = list(decoder)
+    assert {len(frame) for frame in frames} == {FRAME_BYTES}
+    assert 150 <= len(frames) <= 156
+    pcm = b"".join(frames)
+    second_part = pcm[48_000 * 4 : 96_000 * 4 + 8000]
+    assert compare(second, second_part, max_lag=4000).correlation > 0.95
+    assert compare(third, pcm[96_000 * 4 :], max_lag=4000).correlation > 0.9
+
+
 def test_decoder_seeks_sample_accurately_in_wav(pcm: bytes) -> None:
     data = write_container(pcm, "wav", "pcm_s16le")
     with PCMDecoder(io.BytesIO(data), start=1.01) as decoder:

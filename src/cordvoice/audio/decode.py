@@ -84,9 +84,19 @@ class PCMDecoder(OpenContainer):
         """
         av = self._av
         resampler = self._new_resampler()
+        layout: tuple[str, str, int] | None = None
         chunker = self._chunker
         chunker.clear()
         skip = 0
+
+        def emit(frame: Any) -> Iterator[bytes]:
+            """Resample ``frame`` (``None`` drains the resampler) and chunk what comes out."""
+            nonlocal skip
+            for out in resampler.resample(frame):
+                data, skip = self._trim(out, skip)
+                if data:
+                    yield from chunker.feed(data)
+
         consecutive_errors = 0
         for packet in self._container.demux(self._stream):
             try:
@@ -102,14 +112,16 @@ class PCMDecoder(OpenContainer):
                 if target is not None:
                     skip = self._samples_before(frame, target)
                     target = None
-                for out in resampler.resample(frame):
-                    data, skip = self._trim(out, skip)
-                    if data:
-                        yield from chunker.feed(data)
-        for out in resampler.resample(None):
-            data, skip = self._trim(out, skip)
-            if data:
-                yield from chunker.feed(data)
+                # Concatenated MP3s and radio streams change rate or channels mid-stream; a resampler is
+                # built for one input format, so drain it and start a new one.
+                key = (frame.format.name, frame.layout.name, frame.sample_rate)
+                if key != layout:
+                    if layout is not None:
+                        yield from emit(None)
+                        resampler = self._new_resampler()
+                    layout = key
+                yield from emit(frame)
+        yield from emit(None)
         last = chunker.flush()
         if last is not None:
             yield last
