@@ -27,6 +27,8 @@ _MAX_CONSECUTIVE_ERRORS: Final = 50
 _MAX_SEEK_OFFSET: Final = 2**63 - 1
 """FFmpeg timestamps are int64: a later seek is clamped to this and lands at the end like any late seek."""
 _BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
+_SEEK_PREROLL: Final = SAMPLE_RATE * 80 // 1000
+"""A seek decodes from 80 ms (Opus's recommended pre-roll) before its target and trims that off."""
 
 
 class PCMDecoder(OpenContainer):
@@ -175,12 +177,16 @@ class PCMDecoder(OpenContainer):
         if seconds < 0:
             raise InvalidArgumentError("cannot seek to a negative time")
         target = round(seconds * SAMPLE_RATE)
+        # Land a little early and decode up to the target: the output before it is trimmed, and the decoder
+        # gets its warm-up (Opus in Matroska re-skips its codec delay after a seek, MP3 needs its bit
+        # reservoir) on audio that is thrown away.
+        early = max(0, target - _SEEK_PREROLL)
         try:
             if self._time_base is not None:
-                offset = self._start_pts + int(Fraction(target, SAMPLE_RATE) / self._time_base)
+                offset = self._start_pts + int(Fraction(early, SAMPLE_RATE) / self._time_base)
                 stream = self._stream
             else:
-                offset = int(seconds * 1_000_000)
+                offset = early * 1_000_000 // SAMPLE_RATE
                 stream = None
             offset = min(offset, _MAX_SEEK_OFFSET)
             self._container.seek(offset, stream=stream, backward=True, any_frame=False)
