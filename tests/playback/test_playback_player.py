@@ -36,6 +36,7 @@ from .playback_helpers import (
     pull_until_done,
     to_mono,
     tone_level,
+    write_audio,
     write_mp3,
 )
 
@@ -274,6 +275,20 @@ async def test_loop_repeats_a_seekable_source() -> None:
     produced = audible(out) + audible(rest)
     assert len(produced) % 10 == 0  # whole 200 ms repetitions
     assert len(produced) >= 50
+    player.close()
+
+
+async def test_a_decoded_file_loops_without_a_gap(tmp_path: Path) -> None:
+    # 210 ms (10.5 frames) of a sine that ends in phase: looped seamlessly, every frame is equally loud. A
+    # decoder that pads its last frame would put 10 ms of silence into every repetition.
+    path = tmp_path / "loop.wav"
+    path.write_bytes(write_audio(tone(700, 0.21), "wav", "pcm_s16le"))
+    player = Player()
+    track = player.play(path, loop=True)
+    out = await pull_n(player, 60)
+    assert track.loops >= 3
+    levels = frame_levels(decode_packets(audible(out)))[3:]  # past the Opus decoder's warm-up
+    assert levels.min() > 0.9 * float(np.median(levels))
     player.close()
 
 

@@ -35,7 +35,9 @@ class PCMDecoder(OpenContainer):
     """Decode the first audio stream of a file, file-like object or URL to 20 ms PCM frames.
 
     ``options`` are FFmpeg format options (e.g. ``{"reconnect": "1"}`` for HTTP); ``timeout`` bounds
-    network opens and reads in seconds; ``start`` seeks before the first frame.
+    network opens and reads in seconds; ``start`` seeks before the first frame. With ``pad=False`` the last
+    frame is left short instead of padded with zeros, for callers that join the end to more audio (a
+    looping track starts over right after it).
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class PCMDecoder(OpenContainer):
         options: dict[str, str] | None = None,
         timeout: float | None = None,
         start: float = 0.0,
+        pad: bool = True,
     ) -> None:
         self._av: Any = av
+        self._pad = pad
         self.decode_errors = 0
         """Packets that failed to decode and were skipped."""
         super().__init__(source, format=format, options=options, timeout=timeout)
@@ -124,9 +128,10 @@ class PCMDecoder(OpenContainer):
                     layout = key
                 yield from emit(frame)
         yield from emit(None)
+        pending = chunker.pending
         last = chunker.flush()
         if last is not None:
-            yield last
+            yield last if self._pad else last[:pending]
 
     def _samples_before(self, frame: Any, target: int) -> int:
         """How many output samples of ``frame`` (the first after a seek) lie before ``target``."""
@@ -147,7 +152,10 @@ class PCMDecoder(OpenContainer):
         return data[skip * _BYTES_PER_SAMPLE :], 0
 
     def read(self) -> bytes | None:
-        """Return the next 20 ms frame, or ``None`` at the end (blocking: call from a worker thread)."""
+        """Return the next 20 ms frame (the last may be short with ``pad=False``), or ``None`` at the end.
+
+        Blocking: call it from a worker thread.
+        """
         with self._lock:
             if self._closed:
                 raise AudioError("the decoder is closed")

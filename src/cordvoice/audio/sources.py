@@ -217,8 +217,9 @@ class PyAVSource(AudioSource):
 
     def open(self) -> None:
         if self._decoder is None:
+            # Unpadded: the track's own chunker joins a short last frame to what follows (a loop's start).
             self._decoder = PCMDecoder(
-                self._source, format=self._format, options=self._options, timeout=self._timeout
+                self._source, format=self._format, options=self._options, timeout=self._timeout, pad=False
             )
 
     def _opened(self) -> PCMDecoder:
