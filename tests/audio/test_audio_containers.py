@@ -466,6 +466,7 @@ def test_dca_reader_tolerates_short_reads(packets: list[bytes]) -> None:
         (b"DCA1\x05\x00\x00\x00{}", "truncated"),
         (b"DCA1\x02\x00\x00\x00[]", "JSON object"),
         (b"DCA1\x02\x00\x00\x00\xff\xfe", "not valid JSON"),
+        (b"DCA1\xa0\x86\x01\x00" + b"[" * 100_000, "not valid JSON"),  # nested past the recursion limit
     ],
 )
 def test_malformed_dca_raises_audio_error(data: bytes, message: str) -> None:

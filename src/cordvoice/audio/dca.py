@@ -95,7 +95,7 @@ class DCAReader(Closeable):
             raw = self._read_exact(size, "the metadata")
             try:
                 metadata = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
                 raise AudioError(f"DCA1 metadata is not valid JSON: {exc}") from exc
             if not isinstance(metadata, dict):
                 raise AudioError("DCA1 metadata must be a JSON object")
