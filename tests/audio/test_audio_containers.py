@@ -257,6 +257,28 @@ def test_demuxer_rejects_non_opus_and_garbage(pcm: bytes) -> None:
         OpusDemuxer("/nonexistent/file.opus")
 
 
+class FailingFile(io.BytesIO):
+    """A file whose reads fail with an OSError once ``broken`` is set (a disk or mount going away)."""
+
+    broken = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.broken:
+            raise OSError("input/output error")
+        return super().read(size)
+
+
+def test_a_read_error_mid_file_is_an_audio_error(pcm: bytes) -> None:
+    ogg = FailingFile(write_container(pcm + pcm, "ogg", "libopus"))
+    with OpusDemuxer(ogg) as demuxer, pytest.raises(AudioError, match="input/output"):
+        ogg.broken = True
+        list(demuxer)
+    mp3 = FailingFile(write_container(pcm + pcm, "mp3", "libmp3lame", sample_format="s16p"))
+    with PCMDecoder(mp3) as decoder, pytest.raises(AudioError, match="input/output"):
+        mp3.broken = True
+        list(decoder)
+
+
 # ---------------------------------------------------------------------------------------------- decoder
 
 

@@ -124,7 +124,7 @@ class OpusDemuxer(OpenContainer):
     def _next_packet(self) -> OpusPacket | None:
         try:
             return next(self._packets, None)
-        except self._av_error as exc:
+        except (self._av_error, OSError, ValueError) as exc:  # a file object's read errors arrive as they are
             raise AudioError(f"cannot read {self._name}: {exc}") from exc
 
     def read(self) -> OpusPacket | None:
