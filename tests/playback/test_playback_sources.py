@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -148,3 +152,41 @@ def test_unreadable_files_raise_audio_error(tmp_path: Path) -> None:
         source.open()
         list(source)
     source.close()
+
+
+@contextmanager
+def silent_server(hold: float) -> Iterator[str]:
+    """An HTTP URL on loopback whose server accepts connections and says nothing for ``hold`` seconds."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        held: list[socket.socket] = []
+        listener.settimeout(0.05)
+        while not stop.wait(0):
+            try:
+                connection, _ = listener.accept()
+                held.append(connection)
+                threading.Timer(hold, connection.close).start()
+            except TimeoutError:
+                continue
+        for connection in held:
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/stream.ogg"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_auto_source_timeout_bounds_its_passthrough_probe_too() -> None:
+    # The Opus probe opened the URL without the timeout: a server that never answers hung it for good.
+    with silent_server(hold=5.0) as url:
+        began = time.monotonic()
+        with pytest.raises(AudioError, match="cannot open"):
+            AutoSource(url, timeout=0.3).open()
+        assert time.monotonic() - began < 2.5

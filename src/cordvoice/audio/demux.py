@@ -53,12 +53,21 @@ class OpusDemuxer(OpenContainer):
 
     Raises :class:`AudioError` when the file cannot be opened, has no Opus audio stream, has more than two
     channels (multistream packets cannot be passed through), or (with ``require_20ms``) does not use 20 ms
-    packets.
+    packets. ``options`` and ``timeout`` are FFmpeg's input options and the network timeout in seconds, as
+    for the decoder.
     """
 
-    def __init__(self, source: Source, *, require_20ms: bool = True, format: str | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        require_20ms: bool = True,
+        format: str | None = None,
+        options: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self._av_error: type[Exception] = av.FFmpegError
-        super().__init__(source, format=format)
+        super().__init__(source, format=format, options=options, timeout=timeout)
         try:
             self._setup(require_20ms)
         except BaseException:

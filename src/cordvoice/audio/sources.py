@@ -151,20 +151,35 @@ class OpusFileSource(AudioSource):
 
     The packets reach Discord byte for byte as stored. A file whose packets are not 20 ms, or with more than
     two channels, is refused with :class:`AudioError` when opened: play it with :class:`PyAVSource` (or let
-    :class:`AutoSource` fall back).
+    :class:`AutoSource` fall back). ``options`` and ``timeout`` are as for :class:`PyAVSource`.
     """
 
     kind: SourceKind = "opus"
 
-    def __init__(self, source: PathLike | IO[bytes], *, format: str | None = None) -> None:
+    def __init__(
+        self,
+        source: PathLike | IO[bytes],
+        *,
+        format: str | None = None,
+        options: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self._source = source
         self._format = format
+        self._options = options
+        self._timeout = timeout
         self._demuxer: OpusDemuxer | None = None
         self.name = _describe(source)
 
     def open(self) -> None:
         if self._demuxer is None:
-            self._demuxer = OpusDemuxer(self._source, require_20ms=True, format=self._format)
+            self._demuxer = OpusDemuxer(
+                self._source,
+                require_20ms=True,
+                format=self._format,
+                options=self._options,
+                timeout=self._timeout,
+            )
 
     def _opened(self) -> OpusDemuxer:
         self.open()
@@ -531,7 +546,10 @@ class AutoSource(AudioSource):
             return _opened(DCASource(source))
         if probe:
             try:
-                return _opened(OpusFileSource(source, format=self._format))
+                opus = OpusFileSource(
+                    source, format=self._format, options=self._options, timeout=self._timeout
+                )
+                return _opened(opus)
             except AudioError:
                 pass  # not 20 ms Opus (or unreadable: the decoder reports it)
             if not isinstance(source, str | os.PathLike):
