@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 
+from cordvoice.audio import container
 from cordvoice.audio.pcm import FRAME_BYTES
 from cordvoice.audio.samples import tone, write_demo_ogg
 from cordvoice.audio.sources import (
@@ -181,6 +182,18 @@ def silent_server(hold: float) -> Iterator[str]:
         stop.set()
         thread.join()
         listener.close()
+
+
+def test_a_url_that_never_answers_times_out_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With no timeout given, a dead server held a source thread (one of a few for the whole process) forever.
+    monkeypatch.setattr(container, "NETWORK_TIMEOUT", 0.3)
+    with silent_server(hold=5.0) as url:
+        began = time.monotonic()
+        with pytest.raises(AudioError, match="cannot open"):
+            AutoSource(url).open()
+        assert time.monotonic() - began < 2.5
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        PyAVSource("never-opened.wav", timeout=-1.0).open()
 
 
 def test_auto_source_timeout_bounds_its_passthrough_probe_too() -> None:

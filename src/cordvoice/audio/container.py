@@ -7,6 +7,7 @@ against passthrough packets), so it stays in :mod:`cordvoice.audio.decode` and :
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from fractions import Fraction
@@ -15,9 +16,14 @@ from typing import IO, Any
 import av
 
 from cordvoice.audio.closeable import Closeable
-from cordvoice.errors import AudioError
+from cordvoice.errors import AudioError, InvalidArgumentError
 
-__all__ = ["OpenContainer", "Source", "describe_source"]
+__all__ = ["NETWORK_TIMEOUT", "OpenContainer", "Source", "describe_source"]
+
+NETWORK_TIMEOUT = 20.0
+"""Seconds an open or a read may block when the caller gives no ``timeout``: a URL whose server stops
+answering fails its track instead of holding one of the few source threads for good. ``math.inf`` waits
+forever."""
 
 Source = str | os.PathLike[str] | IO[bytes]
 """A path, a URL or a binary file object: whatever ``av.open`` reads."""
@@ -52,9 +58,17 @@ class OpenContainer(Closeable):
         self._lock = threading.Lock()
         self._closed = False
         self._name = describe_source(source)
+        if timeout is None:
+            timeout = NETWORK_TIMEOUT
+        elif not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
         try:
             self._container: Any = av.open(
-                source, mode="r", format=format, options=options or {}, timeout=timeout
+                source,
+                mode="r",
+                format=format,
+                options=options or {},
+                timeout=None if math.isinf(timeout) else timeout,
             )
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise AudioError(f"cannot open {self._name}: {exc}") from exc

@@ -35,9 +35,10 @@ class PCMDecoder(OpenContainer):
     """Decode the first audio stream of a file, file-like object or URL to 20 ms PCM frames.
 
     ``options`` are FFmpeg format options (e.g. ``{"reconnect": "1"}`` for HTTP); ``timeout`` bounds
-    network opens and reads in seconds; ``start`` seeks before the first frame. With ``pad=False`` the last
-    frame is left short instead of padded with zeros, for callers that join the end to more audio (a
-    looping track starts over right after it).
+    network opens and reads in seconds (None: ``NETWORK_TIMEOUT``, 20 s; ``math.inf``: unbounded);
+    ``start`` seeks before the first frame. With ``pad=False`` the last frame is left short instead of
+    padded with zeros, for callers that join the end to more audio (a looping track starts over right
+    after it).
     """
 
     def __init__(

@@ -210,7 +210,8 @@ class PyAVSource(AudioSource):
     """Any file, file-like object or URL PyAV opens, decoded and resampled to 48 kHz stereo PCM.
 
     ``options`` are FFmpeg input options (e.g. ``{"reconnect": "1"}`` for HTTP) and ``timeout`` bounds network
-    opens and reads in seconds. The player encodes the PCM to Opus with its own encoder settings.
+    opens and reads in seconds (20 s unless given; ``math.inf`` waits forever). The player encodes the PCM
+    to Opus with its own encoder settings.
     """
 
     kind: SourceKind = "pcm"
