@@ -167,6 +167,9 @@ def test_mixer_argument_checks() -> None:
         mixer.mix([SILENCE_FRAME, SILENCE_FRAME], [1.0, math.inf])
     with pytest.raises(InvalidArgumentError):
         Mixer(threshold=0.0)
+    with pytest.raises(InvalidArgumentError):
+        mixer.mix([b"\x00\x00\x00", b"\x00\x00\x00"])
+    assert mixer.mix([b"", b""]) == b"" and mixer.mix([b"", b""], [0.5, 1.0]) == b""
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -174,6 +177,7 @@ def test_mixer_argument_checks() -> None:
 
 def test_samples_are_deterministic_and_well_formed() -> None:
     assert speech_like(1.0, voice=2) == speech_like(1.0, voice=2)
+    assert len(speech_like(0.1, voice=-1001)) == 0.1 * 48_000 * 4  # any int picks a voice
     assert melody(1.0) == melody(1.0)
     assert len(demo_pcm(1.5)) == 1.5 * 48_000 * 4
     for pcm in (speech_like(2.0), melody(2.0), demo_pcm(2.0)):

@@ -118,7 +118,7 @@ class Mixer:
         total = np.add(as_array(frames[0]), as_array(frames[1]), dtype=np.int32)
         for frame in frames[2:]:
             total += as_array(frame)
-        if int(np.abs(total).max()) <= self._limit:
+        if int(np.abs(total).max(initial=0)) <= self._limit:
             return total.astype(np.int16).tobytes()
         return soft_clip_to_int16(total.astype(np.float32), self.threshold).tobytes()
 

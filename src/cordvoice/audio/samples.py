@@ -117,7 +117,7 @@ def melody(seconds: float, *, tempo: float = 150.0, amplitude: float = 0.45) -> 
 
 def _speech_signal(count: int, voice: int) -> FloatArray:
     base_pitch, formant_scale, syllable_rate = VOICES[voice % len(VOICES)]
-    rng = np.random.default_rng(1000 + voice)
+    rng = np.random.default_rng((1000 + voice) % 2**32)  # numpy refuses a negative seed
     t = np.arange(count, dtype=np.float64) / SAMPLE_RATE
 
     # Syllables: each gets a vowel and a raised-cosine envelope; every ~2 s a phrase pause.
