@@ -184,6 +184,15 @@ def silent_server(hold: float) -> Iterator[str]:
         listener.close()
 
 
+def test_a_file_object_that_fails_its_first_read_is_an_audio_error() -> None:
+    class Failing(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError("input/output error")
+
+    with pytest.raises(AudioError, match="input/output error"):
+        AutoSource(Failing(b"DCA1")).open()
+
+
 def test_a_url_that_never_answers_times_out_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     # With no timeout given, a dead server held a source thread (one of a few for the whole process) forever.
     monkeypatch.setattr(container, "NETWORK_TIMEOUT", 0.3)

@@ -541,8 +541,11 @@ class AutoSource(AudioSource):
             probe = self._passthrough and start >= 0
             is_dca = False
             if start >= 0:
-                is_dca = source.read(4) == b"DCA1"
-                source.seek(start)
+                try:
+                    is_dca = source.read(4) == b"DCA1"
+                    source.seek(start)
+                except (OSError, ValueError) as exc:  # a closed file, or a failing disk or pipe
+                    raise AudioError(f"cannot read {self.name}: {exc}") from exc
         if is_dca:
             return _opened(DCASource(source))
         if probe:
