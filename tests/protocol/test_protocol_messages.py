@@ -313,6 +313,8 @@ def test_json_dave_ops() -> None:
         ('{"op":8,"d":{"heartbeat_interval":0}}', ("op 8", "heartbeat_interval")),
         ('{"op":8,"d":{"heartbeat_interval":"13750"}}', ("op 8", "heartbeat_interval")),
         ('{"op":8,"d":{"heartbeat_interval":NaN}}', ("op 8", "heartbeat_interval")),
+        # an integer too big for a float: rejected, not an OverflowError from float()
+        ('{"op":8,"d":{"heartbeat_interval":1' + "0" * 400 + "}}", ("op 8", "heartbeat_interval")),
         ('{"op":11,"d":{"user_ids":"1"}}', ("op 11", "user_ids")),
         ('{"op":21,"d":{"protocol_version":1,"transition_id":65536}}', ("op 21", "transition_id")),
         ('{"op":22,"d":[]}', ("op 22", "object")),

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
@@ -597,7 +597,8 @@ def _decode_hello(d: object) -> Hello:
     op = 8
     b = _body(op, d)
     interval = _get(op, b, "heartbeat_interval")
-    if type(interval) not in (int, float) or not (0 < interval < math.inf):
+    # float's largest value, not infinity, bounds it: a bigger JSON integer would make float() overflow.
+    if type(interval) not in (int, float) or not (0 < interval <= sys.float_info.max):
         raise _fail(op, "field 'heartbeat_interval' must be a positive finite number")
     version = b.get("v")
     return Hello(
