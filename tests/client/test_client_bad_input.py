@@ -336,6 +336,31 @@ async def test_client_handshake_that_never_completes_ends_clearly(loop_errors: L
             await voice.close()
 
 
+async def test_client_resumed_without_a_resume_is_malformed_not_a_finished_handshake(
+    loop_errors: LoopErrors,
+) -> None:
+    # An op 9 answering an Identify must not count as a resume: it left the session READY with no Ready, no
+    # UDP and no handshake timeout, until the join timed out.
+    async def script(conn: RawConnection) -> None:
+        await conn.send(8, {"heartbeat_interval": 5000, "v": 8}, numbered=False)
+        assert (await conn.recv_json())["op"] == Opcode.IDENTIFY
+        await conn.send(9, None, numbered=False)
+        while True:
+            await conn.recv_json(within=3600)
+
+    async with RawVoiceServer(script, handshake=False) as server:
+        config = ReconnectConfig(backoff_base=0.01, backoff_cap=0.02, max_rejoins=2)
+        voice, _ = await voice_on_raw(server, handshake_timeout=0.3, reconnect=config, join_timeout=10.0)
+        try:
+            async with asyncio.timeout(5):  # the handshake timeout and its retries, not the join timeout
+                with pytest.raises(VoiceError) as caught:
+                    await voice.join_channel(GUILD, CHANNEL)
+            assert "Gave up after 2 attempts" in str(caught.value)
+            assert len(server.connections) == 3
+        finally:
+            await voice.close()
+
+
 async def test_client_ready_without_a_usable_mode_ends_the_join_at_once(loop_errors: LoopErrors) -> None:
     async def script(conn: RawConnection) -> None:
         await conn.send(8, {"heartbeat_interval": 5000, "v": 8}, numbered=False)

@@ -201,7 +201,14 @@ def test_client_protocol_peers_and_speaking() -> None:
     assert out == [PeerDisconnected(6)] and protocol.dave.recognized_users == frozenset({5})
     (bad,) = protocol.receive(encode_server(Speaking(speaking=1, ssrc=99), 6), 0.0)
     assert isinstance(bad, Malformed), "a server op 5 must name the user"
-    assert protocol.receive(json.dumps({"op": 9, "d": None}), 0.0) == [ResumedReceived()]
+
+    resumed = json.dumps({"op": 9, "d": None})
+    (bad,) = protocol.receive(resumed, 0.0)
+    assert isinstance(bad, Malformed), "op 9 on a connection that sent Identify resumes nothing"
+    assert json.loads(protocol.connection_opened())["op"] == 7
+    assert protocol.receive(resumed, 0.0) == [ResumedReceived()]
+    (again,) = protocol.receive(resumed, 0.0)
+    assert isinstance(again, Malformed), "only one op 9 answers a Resume"
 
 
 @given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))

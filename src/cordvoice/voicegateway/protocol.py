@@ -235,6 +235,8 @@ class VoiceGatewayProtocol:
         self._in_flight: dict[int, float] = {}
         self._unacked = 0
         self._last_nonce = 0
+        self._resuming = False
+        """This connection opened with Resume and op 9 has not answered it yet."""
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -262,6 +264,7 @@ class VoiceGatewayProtocol:
         self._unacked = 0
         self.hello = None
         creds = self.credentials
+        self._resuming = self.established
         if self.established:
             return _text(
                 Resume(
@@ -343,6 +346,10 @@ class VoiceGatewayProtocol:
         if isinstance(message, SessionDescription):
             return self._session_description(message)
         if isinstance(message, Resumed):
+            if not self._resuming:
+                # Not an answer to our Resume (an Identify, or a second op 9): no session was resumed.
+                raise ProtocolError("op 9 Resumed without a Resume to answer")
+            self._resuming = False
             return [ResumedReceived()]
         if isinstance(message, Speaking):
             if message.user_id is None:
