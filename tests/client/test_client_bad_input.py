@@ -20,11 +20,12 @@ from cordvoice import ResumedEvent, SessionState, Voice, VoiceError
 from cordvoice.errors import ProtocolError
 from cordvoice.gateway.events import parse_voice_server_update
 from cordvoice.reconnect import ReconnectConfig
+from cordvoice.udp.crypto import MODE_AES256_GCM
 from cordvoice.udp.rtp import build_header
 from cordvoice.voicegateway.connection import VoiceGatewayConnection
 from cordvoice.voicegateway.messages import Opcode
 
-from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer
+from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer, Script
 from .conftest import FAST_RECONNECT, LoopErrors, VoiceWorld, opus_frames, wait_until
 
 GUILD, CHANNEL = 111, 222
@@ -228,17 +229,20 @@ async def test_client_survives_a_raw_server_sending_garbage(loop_errors: LoopErr
             await voice.close()
 
 
-async def test_client_valid_rtp_from_the_server_reaches_the_receive_hook(loop_errors: LoopErrors) -> None:
-    ready = asyncio.Event()
-    holder: list[RawConnection] = []
+def keep_connection(holder: list[RawConnection]) -> Script:
+    """A script that hands each connection (after the handshake) to the test and then just answers it."""
 
     async def script(conn: RawConnection) -> None:
         holder.append(conn)
-        ready.set()
         while True:
             await conn.recv_json(within=3600)
 
-    async with RawVoiceServer(script) as server:
+    return script
+
+
+async def test_client_valid_rtp_from_the_server_reaches_the_receive_hook(loop_errors: LoopErrors) -> None:
+    holder: list[RawConnection] = []
+    async with RawVoiceServer(keep_connection(holder)) as server:
         voice, _ = await voice_on_raw(server)
         try:
             session = await voice.join_channel(GUILD, CHANNEL)
@@ -246,7 +250,7 @@ async def test_client_valid_rtp_from_the_server_reaches_the_receive_hook(loop_er
             session.set_receive_hook(
                 lambda header, payload, arrival: got.append((header.ssrc, header.sequence, payload))
             )
-            await ready.wait()
+            await wait_until(lambda: bool(holder))
             conn = holder[0]
             assert conn.cipher is not None
             await conn.send(5, {"user_id": "777", "ssrc": 31337, "speaking": 1})
@@ -261,6 +265,37 @@ async def test_client_valid_rtp_from_the_server_reaches_the_receive_hook(loop_er
             assert got == [(31337, n, b"opus%d" % n) for n in range(5)]
             assert session.ssrc_users == {31337: 777}
             assert session.stats.received_per_ssrc == {31337: 5}
+        finally:
+            await voice.close()
+
+
+async def test_client_repeated_session_description_does_not_reuse_transport_nonces(
+    loop_errors: LoopErrors,
+) -> None:
+    # A second op 4 with the key in use restarted the nonce counter at 0 under that key: AES-GCM nonce reuse.
+    holder: list[RawConnection] = []
+    async with RawVoiceServer(keep_connection(holder)) as server:
+        voice, _ = await voice_on_raw(server)
+
+        def sent_nonces() -> list[bytes]:
+            return [data[-4:] for data, _ in server.datagrams if len(data) > 32 and data[0] == 0x80]
+
+        try:
+            session = await voice.join_channel(GUILD, CHANNEL)
+            await wait_until(lambda: bool(holder))
+            conn = holder[0]
+            await session.speaking(1)
+            for frame in opus_frames(10, voice=12):
+                await session.write(frame)
+            await wait_until(lambda: len(sent_nonces()) >= 10)
+            description = {"mode": MODE_AES256_GCM, "secret_key": list(conn.key), "dave_protocol_version": 0}
+            await conn.send(4, description)
+            for frame in opus_frames(10, voice=13):
+                await session.write(frame)
+            await wait_until(lambda: len(sent_nonces()) >= 20)
+            nonces = sent_nonces()
+            assert len(set(nonces)) == len(nonces), "a nonce was used twice with one key"
+            assert session.state is SessionState.READY
         finally:
             await voice.close()
 

@@ -411,6 +411,13 @@ class VoiceGatewayProtocol:
             raise ProtocolError("op 4 Session Description before Ready")
         if message.mode != self.mode:
             raise ProtocolError(f"op 4 selects mode {message.mode!r}, but we asked for {self.mode!r}")
+        current = self.description
+        if current is not None and current.secret_key == message.secret_key:
+            # A repeat of the key in use says nothing new, and applying it would restart the transport nonce
+            # counter under that key (AES-GCM nonce reuse) and reset the DAVE group: count it and move on.
+            self.ignored[4] += 1
+            logger.warning("ignored a repeated op 4 Session Description carrying the key already in use")
+            return []
         self.description = message
         out: list[Output] = [
             # op 5 before anything else: it binds our SSRC (protocol.md §2.4), as discord.py does.
