@@ -177,6 +177,16 @@ class SessionStats:
     """Authenticated RTP packets of SSRCs beyond those ``received_per_ssrc`` tracks one by one."""
     replies_dropped: int = 0
     """Gateway replies that could not be sent while the socket died and did not fit the resend buffer."""
+    udp_sent: int = 0
+    """Datagrams other than audio sent on the socket (keep-alives, IP discovery)."""
+    udp_send_errors: int = 0
+    udp_before_key: int = 0
+    """RTP received before the Session Description gave a key, dropped (also in ``udp_dropped``)."""
+    udp_discovery: int = 0
+    udp_socket_errors: int = 0
+    """Errors the socket reported (ICMP port unreachable while the server restarts); not fatal."""
+    udp_hook_errors: int = 0
+    """Authenticated RTP packets the receive pipeline failed on (logged; the packet is lost)."""
 
 
 class _Interrupt(enum.Enum):
@@ -440,6 +450,12 @@ class Session:
             udp_foreign=udp.foreign,
             udp_untracked_ssrcs=udp.untracked_ssrcs,
             replies_dropped=self._replies_dropped,
+            udp_sent=udp.sent,
+            udp_send_errors=udp.send_errors,
+            udp_before_key=udp.before_key,
+            udp_discovery=udp.discovery,
+            udp_socket_errors=udp.socket_errors,
+            udp_hook_errors=udp.hook_errors,
         )
 
     # ==== events ========================================================================================

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -10,9 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cordvoice.errors import VoiceError
+from cordvoice.session import SessionStats
 from cordvoice.udp import connection as udp_connection
 from cordvoice.udp import discovery
-from cordvoice.udp.connection import UdpConnection
+from cordvoice.udp.connection import UdpConnection, UdpStats
 from cordvoice.udp.crypto import MODE_XCHACHA20_POLY1305, make_cipher
 from cordvoice.udp.rtp import build_header
 
@@ -165,3 +167,10 @@ async def test_client_udp_dial_hook(peer: tuple[Peer, int]) -> None:
 
     with pytest.raises(VoiceError):
         await UdpConnection.open("127.0.0.1", port, dial=bad_dial)
+
+
+def test_session_stats_carry_every_udp_counter() -> None:
+    # SessionStats promises nothing is dropped without a count there: each socket counter is a udp_ field.
+    session_fields = {field.name for field in dataclasses.fields(SessionStats)}
+    udp_counters = {field.name for field in dataclasses.fields(UdpStats)} - {"per_ssrc"}
+    assert {f"udp_{name}" for name in udp_counters} <= session_fields
