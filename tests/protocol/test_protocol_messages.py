@@ -264,6 +264,14 @@ def test_unknown_and_wrong_direction_opcodes_are_not_errors() -> None:
     assert m.decode_client(b"\x1bxyz") == m.Unknown(27, b"xyz")
 
 
+@pytest.mark.parametrize("op", [-1, 256, 10**400])
+def test_an_opcode_no_byte_can_hold_is_malformed(op: int) -> None:
+    # Unknown ops are counted by value: an unbounded one would grow that count and the log without end.
+    for decode in (m.decode_server, m.decode_client):
+        with pytest.raises(ProtocolError, match=r"outside 0\.\.255"):
+            decode(json.dumps({"op": op, "d": None}))
+
+
 def test_binary_frame_layouts() -> None:
     assert m.encode_server(m.DaveMlsWelcome(5, b"W"), seq=258) == b"\x01\x02\x1e\x00\x05W"
     assert m.encode_server(m.DaveMlsAnnounceCommitTransition(0x0102, b"C"), seq=1) == b"\x00\x01\x1d\x01\x02C"

@@ -740,6 +740,8 @@ def _load_json(frame: str) -> tuple[int, object, dict[str, Any]]:
     op = payload.get("op")
     if type(op) is not int:
         raise FrameDecodeError(f"text frame has no integer 'op' (got {type(op).__name__})")
+    if not 0 <= op <= 255:  # opcodes are bytes on the binary side; a huge one would be kept and logged whole
+        raise FrameDecodeError(f"text frame has an 'op' outside 0..255 ({op!r:.40})")
     return op, payload.get("d"), payload
 
 
