@@ -82,6 +82,23 @@ def test_per_user_files_share_a_timeline_and_pad_gaps(tmp_path: Path) -> None:
     assert np.array_equal(samples(tmp_path / "one.wav"), two[: int(0.22 * RATE)])
 
 
+def test_closing_at_an_end_cuts_audio_placed_past_it(tmp_path: Path) -> None:
+    """A receiver's close flushes frames that play after the recording stopped: every WAV ends at end_time."""
+    timeline = Timeline(20.0)
+    per_user = PerUserWavSink(tmp_path, timeline=timeline)
+    mixed = MixedWavSink(tmp_path / "mixed.wav", timeline=timeline, window=0.1)
+    for sink in (per_user, mixed):
+        for index in range(60):  # 1.2 s of speech, for a recording stopped at 1.01 s
+            sink.write(frame(1, index, 20.0 + index * 0.02, 50))
+        sink.close(end_time=21.01)
+    for path in (tmp_path / "1.wav", tmp_path / "mixed.wav"):
+        audio = samples(path)
+        assert len(audio) == round(1.01 * RATE) and set(audio.tolist()) == {50}, path.name
+        with wave.open(str(path), "rb") as reader:  # a well-formed header for the cut length
+            assert (reader.getnchannels(), reader.getframerate(), reader.getsampwidth()) == (2, RATE, 2)
+    assert per_user.sinks[1].samples_written == round(1.01 * RATE)
+
+
 def test_a_frame_overlapping_its_predecessor_is_trimmed_alike_in_the_mix(tmp_path: Path) -> None:
     """Timeline rounding can place a user's next frame a sample early; the mix must not add it twice."""
     timeline = Timeline(10.0)

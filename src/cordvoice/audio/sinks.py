@@ -8,7 +8,8 @@ recording sink places audio on **one timeline**: sample ``round((frame.timeline_
 timeline, silences stay where they were: a 60 s conversation with pauses records to 60 s, in every file, and
 an event-loop stall does not stretch it. The 3-byte Opus
 silence frames clients send when they stop talking are not audio and are skipped, so trailing silence does
-not stretch a file; ``close(end_time=...)`` pads a file to an exact end instead.
+not stretch a file; ``close(end_time=...)`` pads a file to an exact end instead, and cuts a WAV file that
+runs past it (an Ogg file keeps whole packets, so it can end up to a receiver's flush past that end).
 
 Frames that come too late for their place (already written) are dropped and counted in ``late``.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import wave
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final, Generic, Protocol, TypeVar, runtime_checkable
@@ -84,36 +85,79 @@ class Timeline:
         return max(0, round((end_time - self.start) * SAMPLE_RATE))
 
 
-def _open_wav(path: Path) -> tuple[wave.Wave_write, BinaryIO]:
-    """A WAV writer and its file, both closed by :func:`_finish_wav`.
+class _WavFile:
+    """A 48 kHz stereo s16 WAV being written: the samples follow a header whose sizes are filled in at close.
 
-    The file is opened here, not by ``wave.open(path)``: that leaves a half-built writer behind when the
-    open fails, whose finalizer then raises AttributeError.
+    Written here rather than with :mod:`wave` so that a file can also be cut back (:meth:`truncate`) when
+    audio placed past the recording's end arrives before the close.
     """
-    try:
-        file = open(path, "wb")  # noqa: SIM115 - closed by _finish_wav()
-    except OSError as exc:
-        raise AudioError(f"cannot create {str(path)!r}: {exc}") from exc
-    try:
-        writer = wave.open(file, "wb")  # noqa: SIM115 - closed by _finish_wav()
-        writer.setnchannels(CHANNELS)
-        writer.setsampwidth(SAMPLE_WIDTH)
-        writer.setframerate(SAMPLE_RATE)
-    except BaseException:
-        file.close()
-        raise
-    return writer, file
 
+    _HEADER: Final = 44
 
-def _finish_wav(writer: wave.Wave_write, file: BinaryIO, path: Path) -> None:
-    """Finish the header and close the file (wave leaves a file it was handed open)."""
-    try:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.samples = 0
         try:
-            writer.close()
-        finally:
-            file.close()
-    except OSError as exc:
-        raise AudioError(f"cannot finish {str(path)!r}: {exc}") from exc
+            self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise AudioError(f"cannot create {str(path)!r}: {exc}") from exc
+        try:
+            self._file.write(self._header(0))
+        except OSError as exc:
+            self._file.close()
+            raise AudioError(f"cannot write {str(path)!r}: {exc}") from exc
+
+    @staticmethod
+    def _header(data_bytes: int) -> bytes:
+        data_bytes = min(data_bytes, 0xFFFFFFFF - 36)  # past ~6 h the sizes saturate, as other writers do
+        return b"".join(
+            (
+                b"RIFF",
+                struct.pack("<I", 36 + data_bytes),
+                b"WAVEfmt ",
+                struct.pack(
+                    "<IHHIIHH",
+                    16,
+                    1,  # PCM
+                    CHANNELS,
+                    SAMPLE_RATE,
+                    SAMPLE_RATE * _BYTES_PER_SAMPLE,
+                    _BYTES_PER_SAMPLE,
+                    SAMPLE_WIDTH * 8,
+                ),
+                b"data",
+                struct.pack("<I", data_bytes),
+            )
+        )
+
+    def write(self, pcm: bytes) -> None:
+        try:
+            self._file.write(pcm)
+        except OSError as exc:
+            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        self.samples += len(pcm) // _BYTES_PER_SAMPLE
+
+    def truncate(self, samples: int) -> None:
+        """Drop everything after the first ``samples`` samples."""
+        if samples >= self.samples:
+            return
+        try:
+            self._file.seek(self._HEADER + samples * _BYTES_PER_SAMPLE)
+            self._file.truncate()
+        except OSError as exc:
+            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        self.samples = samples
+
+    def close(self) -> None:
+        """Fill in the sizes and close the file (closed even if that fails)."""
+        try:
+            try:
+                self._file.seek(0)
+                self._file.write(self._header(self.samples * _BYTES_PER_SAMPLE))
+            finally:
+                self._file.close()
+        except OSError as exc:
+            raise AudioError(f"cannot finish {str(self.path)!r}: {exc}") from exc
 
 
 class WavSink:
@@ -135,11 +179,14 @@ class WavSink:
         self.path = Path(path)
         self.user_id = user_id
         self._timeline = timeline or Timeline(start_time)
-        self._writer: wave.Wave_write | None
-        self._writer, self._file = _open_wav(self.path)
-        self.samples_written = 0
+        self._writer: _WavFile | None = _WavFile(self.path)
+        self._final_samples = 0
         self.frames_written = 0
         self.late = 0
+
+    @property
+    def samples_written(self) -> int:
+        return self._writer.samples if self._writer is not None else self._final_samples
 
     @property
     def duration(self) -> float:
@@ -151,43 +198,41 @@ class WavSink:
             self.user_id = frame.user_id
         elif frame.user_id != self.user_id:
             return
-        if frame.is_silence or self._writer is None:
+        writer = self._writer
+        if frame.is_silence or writer is None:
             return
         offset = self._timeline.offset(frame.timeline_time)
         pcm = frame.pcm if frame.pcm is not None else bytes(frame.samples * _BYTES_PER_SAMPLE)
-        gap = offset - self.samples_written
+        gap = offset - writer.samples
         if gap > 0:
-            self._write(bytes(gap * _BYTES_PER_SAMPLE))
+            writer.write(bytes(gap * _BYTES_PER_SAMPLE))
         elif gap < 0:
             skip = -gap * _BYTES_PER_SAMPLE
             if skip >= len(pcm):
                 self.late += 1
                 return
             pcm = pcm[skip:]
-        self._write(pcm)
+        writer.write(pcm)
         self.frames_written += 1
 
-    def _write(self, pcm: bytes) -> None:
-        assert self._writer is not None
-        try:
-            self._writer.writeframesraw(pcm)
-        except OSError as exc:
-            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
-        self.samples_written += len(pcm) // _BYTES_PER_SAMPLE
-
     def close(self, end_time: float | None = None) -> None:
-        """Pad to ``end_time`` (on the timeline) if given, then finish the header and close."""
+        """Pad or cut to ``end_time`` (on the timeline) if given, then finish the header and close.
+
+        Cutting matters because a receiver's close flushes the frames its jitter buffer held, which play
+        after the moment the recording was stopped.
+        """
         writer = self._writer
         if writer is None:
             return
         try:
             if end_time is not None:
-                missing = self._timeline.samples_until(end_time) - self.samples_written
-                if missing > 0:
-                    self._write(bytes(missing * _BYTES_PER_SAMPLE))
+                end = self._timeline.samples_until(end_time)
+                writer.write(bytes(max(0, end - writer.samples) * _BYTES_PER_SAMPLE))
+                writer.truncate(end)
         finally:
+            self._final_samples = writer.samples
             self._writer = None
-            _finish_wav(writer, self._file, self.path)
+            writer.close()
 
 
 class MixedWavSink:
@@ -221,8 +266,7 @@ class MixedWavSink:
         """Where each user's audio placed so far ends: a frame that overlaps its predecessor (timeline
         rounding puts consecutive frames a sample apart either way) is trimmed as the per-user file trims it,
         so the mix stays the sum of the per-user files instead of adding that sample twice."""
-        self._writer: wave.Wave_write | None
-        self._writer, self._file = _open_wav(self.path)
+        self._writer: _WavFile | None = _WavFile(self.path)
         self.frames_mixed = 0
         self.late = 0
 
@@ -266,12 +310,9 @@ class MixedWavSink:
         buffer = self._buffer
         held = min(count, self._capacity)
         chunk = soft_clip_to_int16(buffer[:held].astype(np.float32)).tobytes()
-        try:
-            writer.writeframesraw(chunk)
-            if count > held:
-                writer.writeframesraw(bytes((count - held) * _BYTES_PER_SAMPLE))
-        except OSError as exc:
-            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        writer.write(chunk)
+        if count > held:
+            writer.write(bytes((count - held) * _BYTES_PER_SAMPLE))
         if held < self._capacity:
             buffer[: self._capacity - held] = buffer[held:]
             buffer[self._capacity - held :] = 0
@@ -286,9 +327,11 @@ class MixedWavSink:
         end = self._end if end_time is None else self._timeline.samples_until(end_time)
         try:
             self._flush(end)
+            if end_time is not None:
+                self._writer.truncate(end)  # audio already written past it (more than a window late)
         finally:
             writer, self._writer = self._writer, None
-            _finish_wav(writer, self._file, self.path)
+            writer.close()
 
 
 class OggOpusSink:
@@ -491,8 +534,9 @@ def record_to_directory(
 ) -> list[AudioSink]:
     """The usual recording set in ``directory`` (``<user>.wav``, ``mixed.wav``, ``<user>.opus``), aligned.
 
-    Attach each with ``receiver.add_sink``. Pass ``start_time=loop.time()`` when recording starts, and close
-    the sinks with the same ``end_time`` to get files exactly as long as the recording.
+    Attach each with ``receiver.add_sink``. Pass ``start_time=loop.time()`` when recording starts, close them
+    with the same ``end_time`` to get WAV files exactly as long as the recording (the Ogg files end with the
+    last whole packet, which the receiver's closing flush can place up to its jitter delay past it).
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
