@@ -1,8 +1,8 @@
 """``cordvoice record --guild G --channel C --out DIR --seconds N``: record a voice channel, then leave.
 
-Writes ``<user id>.wav`` and ``<user id>.opus`` per member and ``mixed.wav``, all on one timeline and exactly
-``N`` seconds long. The token comes from ``$DISCORD_TOKEN``. With ``--emulator`` it records an embedded
-local emulator where two simulated participants take turns talking.
+Writes ``<user id>.wav`` and ``<user id>.opus`` for each member heard and ``mixed.wav``, all on one
+timeline and exactly ``N`` seconds long. The token comes from ``$DISCORD_TOKEN``. With ``--emulator`` it
+records an embedded local emulator where two simulated participants take turns talking.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def _seconds(text: str) -> float:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Join a voice channel with the bot whose token is in $DISCORD_TOKEN, record everyone for N\n"
-        "seconds (DAVE-decrypted), and leave. Writes <user id>.wav and <user id>.opus per member and\n"
-        "mixed.wav into DIR, aligned on one timeline. With --emulator it records an embedded local\n"
-        "emulator where two simulated participants take turns talking."
+        "seconds (DAVE-decrypted), and leave. Writes <user id>.wav and <user id>.opus for each member\n"
+        "heard and mixed.wav into DIR, aligned on one timeline. With --emulator it records an embedded\n"
+        "local emulator where two simulated participants take turns talking."
     )
     add_connection_arguments(parser)
     parser.add_argument(
