@@ -142,6 +142,25 @@ def test_open_source_sniffs_containers_and_wraps_iterables(ogg: Path) -> None:
         open_source(42)  # type: ignore[arg-type]
 
 
+def test_open_source_recognises_mp3_bytes_without_an_id3_tag(tmp_path: Path) -> None:
+    # What TTS services return: bare MP3 frames. Taken for raw PCM, they played as loud noise.
+    pcm = tone(440.0, 0.5)
+    tagged = write_mp3(tmp_path / "speech.mp3", pcm).read_bytes()
+    assert tagged.startswith(b"ID3")
+    tag_size = sum((byte & 0x7F) << (7 * (3 - index)) for index, byte in enumerate(tagged[6:10]))  # syncsafe
+    bare = tagged[10 + tag_size :]
+    assert bare[0] == 0xFF
+    for data in (bare, io.BytesIO(bare)):
+        source = open_source(data)
+        assert isinstance(source, AutoSource)
+        with source:
+            decoded = b"".join(source)  # type: ignore[arg-type]
+        assert abs(len(decoded) - len(pcm)) < 0.1 * len(pcm)
+    # Raw PCM that happens to start like an MP3 frame header stays PCM (no second frame where it would be).
+    assert isinstance(open_source(bare[:4] + bytes(FRAME_BYTES)), PCMSource)
+    assert isinstance(open_source(bare[: len(bare) // 4 * 4], kind="pcm"), PCMSource)
+
+
 def test_unreadable_files_raise_audio_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.mp3"
     with pytest.raises(AudioError):

@@ -494,8 +494,43 @@ class AsyncFramesSource(AsyncAudioSource):
 _CONTAINER_MAGIC: Final = (b"OggS", b"\x1a\x45\xdf\xa3", b"DCA1", b"ID3", b"RIFF", b"fLaC", b"FORM")
 
 
+_SNIFF_BYTES: Final = 2 * 1441 + 4
+"""Enough for two MPEG audio frame headers (the longest Layer III frame is 1,441 bytes)."""
+_MP3_BITRATES: Final = (
+    (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),  # MPEG-1 Layer III, kbit/s
+    (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),  # MPEG-2 and 2.5 Layer III
+)
+_MP3_RATES: Final = {3: (44_100, 48_000, 32_000), 2: (22_050, 24_000, 16_000), 0: (11_025, 12_000, 8_000)}
+
+
+def _mp3_frame(head: bytes, at: int) -> tuple[int, int, int] | None:
+    """(version, sample-rate index, frame length) of a Layer III frame header at ``at``, or None."""
+    if len(head) < at + 4 or head[at] != 0xFF or head[at + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (head[at + 1] >> 3) & 3, (head[at + 1] >> 1) & 3
+    bitrate_index, rate_index, padding = head[at + 2] >> 4, (head[at + 2] >> 2) & 3, (head[at + 2] >> 1) & 1
+    if version == 1 or layer != 1 or not 0 < bitrate_index < 15 or rate_index == 3:
+        return None
+    bitrate = _MP3_BITRATES[version != 3][bitrate_index] * 1000
+    per_frame = 144 if version == 3 else 72
+    return version, rate_index, per_frame * bitrate // _MP3_RATES[version][rate_index] + padding
+
+
+def _looks_like_mp3(head: bytes) -> bool:
+    """MP3 without an ID3 tag (what TTS services send): two consecutive frames that agree with each other.
+
+    One frame header alone is four bytes that raw PCM can start with; a second one exactly where the first
+    frame ends, with the same version and rate, is not a coincidence.
+    """
+    first = _mp3_frame(head, 0)
+    if first is None:
+        return False
+    second = _mp3_frame(head, first[2])
+    return second is not None and second[:2] == first[:2]
+
+
 def _looks_like_container(head: bytes) -> bool:
-    return head.startswith(_CONTAINER_MAGIC) or head[4:8] == b"ftyp"
+    return head.startswith(_CONTAINER_MAGIC) or head[4:8] == b"ftyp" or _looks_like_mp3(head)
 
 
 class AutoSource(AudioSource):
@@ -623,7 +658,7 @@ def open_source(source: SourceLike, *, kind: SourceKind | None = None) -> AudioS
     - an :class:`AudioSource` / :class:`AsyncAudioSource`: used as it is;
     - a path or URL: :class:`AutoSource` (DCA, Opus passthrough, or decoded);
     - bytes: raw PCM, unless they start with a container signature (Ogg, WebM/Matroska, DCA1, ID3, RIFF,
-      FLAC, MP4), in which case they are parsed as that file;
+      FLAC, MP4) or with two MP3 frames (MP3 without an ID3 tag), in which case they are parsed as that file;
     - a binary file object: the same sniffing when it is seekable, raw PCM otherwise;
     - an async iterable: :class:`AsyncFramesSource`; another iterable: :class:`FramesSource` (PCM chunks
       unless ``kind="opus"``).
@@ -633,7 +668,7 @@ def open_source(source: SourceLike, *, kind: SourceKind | None = None) -> AudioS
     if isinstance(source, str | os.PathLike):
         return AutoSource(source)
     if isinstance(source, bytes | bytearray | memoryview):
-        head = bytes(source[:8])
+        head = bytes(source[:_SNIFF_BYTES])
         if kind != "pcm" and _looks_like_container(head):
             return AutoSource(io.BytesIO(bytes(source)))
         return PCMSource(source)
@@ -641,7 +676,7 @@ def open_source(source: SourceLike, *, kind: SourceKind | None = None) -> AudioS
         file: IO[bytes] = source  # type: ignore[assignment]
         start = _tell(file)
         if kind != "pcm" and start >= 0:
-            head = file.read(8)
+            head = file.read(_SNIFF_BYTES)
             file.seek(start)
             if _looks_like_container(head):
                 return AutoSource(file)
