@@ -476,7 +476,8 @@ class Session:
     ) -> E:
         """The next event of ``event_type`` that passes ``check``; raises TimeoutError after ``timeout``.
 
-        Waiting for anything but :class:`DisconnectedEvent` on a closed session raises DisconnectedError.
+        Raises DisconnectedError once the session has ended without such an event (its
+        :class:`DisconnectedEvent`, the last one, is returned only if it is one and passes ``check``).
         """
         if self._final is not None:
             if isinstance(self._final, event_type) and (check is None or check(self._final)):
@@ -484,27 +485,25 @@ class Session:
             raise self._closed_error()
         future: asyncio.Future[E] = self._loop.create_future()
 
-        def handler(event: E) -> None:
+        def on_event(event: SessionEvent) -> None:
+            # One subscription to every event, so the session's end is judged in the same call: nothing can
+            # follow a DisconnectedEvent that ``check`` rejects, however ``event_type`` relates to it.
             if future.done():
                 return
             try:
-                if check is None or check(event):
+                if isinstance(event, event_type) and (check is None or check(event)):
                     future.set_result(event)
+                elif isinstance(event, DisconnectedEvent):
+                    future.set_exception(self._closed_error())
             except Exception as exc:
                 future.set_exception(exc)
 
-        def on_disconnect(event: DisconnectedEvent) -> None:
-            if not future.done() and not issubclass(DisconnectedEvent, event_type):
-                future.set_exception(self._closed_error())
-
-        unsubscribe = self.on(event_type, handler)
-        unsubscribe_final = self.on(DisconnectedEvent, on_disconnect)
+        unsubscribe = self.on(SessionEvent, on_event)
         try:
             async with asyncio.timeout(timeout):
                 return await future
         finally:
             unsubscribe()
-            unsubscribe_final()
 
     def _emit(self, event: SessionEvent) -> None:
         if isinstance(event, ReconnectingEvent):

@@ -17,7 +17,9 @@ from cordvoice import (
     JoinTimeoutError,
     MovedEvent,
     ReadyEvent,
+    ResumedEvent,
     Session,
+    SessionEvent,
     SessionState,
     SpeakingEvent,
     Voice,
@@ -391,3 +393,22 @@ async def test_client_join_while_a_session_ends_on_its_own_joins_afresh(loop_err
             assert adapter.requests == [(GUILD, CHANNEL), (GUILD, None), (GUILD, CHANNEL)]
             final = first.disconnected_event
             assert final is not None and final.close_code == 4021
+
+
+async def test_client_wait_for_that_the_end_cannot_satisfy_raises(loop_errors: LoopErrors) -> None:
+    # Waiting on a base class with a check (several kinds of event): the session's end, which the check
+    # rejects, is the last event there will ever be, so the wait fails instead of hanging.
+    async with RawVoiceServer() as server, make_voice(FakeAdapter(server.endpoint)) as voice:
+        session = await voice.join_channel(GUILD, CHANNEL)
+        resumed_or_moved = asyncio.ensure_future(
+            session.wait_for(SessionEvent, check=lambda e: isinstance(e, ResumedEvent | MovedEvent))
+        )
+        failed_end = asyncio.ensure_future(
+            session.wait_for(DisconnectedEvent, check=lambda e: e.error is not None)
+        )
+        await asyncio.sleep(0)
+        await session.disconnect()
+        async with asyncio.timeout(2):
+            for waiter in (resumed_or_moved, failed_end):
+                with pytest.raises(DisconnectedError):
+                    await waiter
