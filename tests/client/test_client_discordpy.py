@@ -186,3 +186,21 @@ async def test_client_discordpy_disconnect_during_connect_ends_the_join(discordp
         assert world.guild.voice_client is None
         await wait_until(lambda: world.voice_state_channel() is None)
         await voice.close()
+
+
+async def test_client_discordpy_connect_timeout_is_the_join_timeout(discordpy_bot: DiscordpyBot) -> None:
+    # discord.py always passes connect()'s timeout (60 s by default): that, not the Voice's join_timeout,
+    # bounds the join, as docs/adapters.md says.
+    async with dpy_guild(discordpy_bot) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False, join_timeout=0.2)
+        world.emu.faults.pause_udp(guild_id=world.guild_id)  # IP discovery hangs: the join never completes
+        connecting = asyncio.ensure_future(
+            world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=1.5)
+        )
+        await asyncio.sleep(0.8)
+        assert not connecting.done(), "the Voice's join_timeout does not apply to connect()"
+        async with asyncio.timeout(5):
+            with pytest.raises(TimeoutError):
+                await connecting
+        assert world.guild.voice_client is None
+        await voice.close()
