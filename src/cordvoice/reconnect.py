@@ -119,7 +119,7 @@ class ReconnectConfig:
     def __post_init__(self) -> None:
         waits = ("backoff_base", "backoff_cap", "move_wait", "server_wait", "rejoin_timeout", "stable_after")
         for name in waits:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 raise InvalidArgumentError(f"ReconnectConfig.{name} must be >= 0")
         if self.max_resumes < 0 or self.max_rejoins < 0:
             raise InvalidArgumentError("ReconnectConfig.max_resumes and max_rejoins must be >= 0")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl as ssl_module
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -70,10 +71,20 @@ class Voice:
     ) -> None:
         if not isinstance(ssl, bool | ssl_module.SSLContext):
             raise InvalidArgumentError("ssl must be True, False or an ssl.SSLContext")
-        if queue_frames < 1:
-            raise InvalidArgumentError("queue_frames must be at least 1")
-        if join_timeout <= 0:
-            raise InvalidArgumentError("join_timeout must be positive")
+        if not isinstance(queue_frames, int) or isinstance(queue_frames, bool) or queue_frames < 1:
+            raise InvalidArgumentError(f"queue_frames must be an integer of at least 1, got {queue_frames!r}")
+        timeouts = {
+            "join_timeout": join_timeout,
+            "open_timeout": open_timeout,
+            "handshake_timeout": handshake_timeout,
+            "discovery_timeout": discovery_timeout,
+        }
+        for name, seconds in timeouts.items():
+            # A zero, negative or NaN wait would fail every attempt and end as a misleading join timeout.
+            if not 0 < seconds < math.inf:
+                raise InvalidArgumentError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        if not 0 <= idle_grace < math.inf:
+            raise InvalidArgumentError(f"idle_grace must be a number of seconds >= 0, got {idle_grace!r}")
         self._adapter = adapter
         self.join_timeout = join_timeout
         self._config = SessionConfig(

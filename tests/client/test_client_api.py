@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from dataclasses import replace
 
@@ -26,6 +27,7 @@ from cordvoice import (
     VoiceError,
 )
 from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
+from cordvoice.reconnect import ReconnectConfig
 
 from .client_fakes import FakeAdapter, RawConnection, RawVoiceServer, close_first
 from .conftest import FAST_RECONNECT, LoopErrors, wait_until
@@ -103,6 +105,28 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             session.on(int, print)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         Voice(FakeAdapter("x:1"), queue_frames=0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("join_timeout", math.nan),
+        ("open_timeout", -1.0),
+        ("open_timeout", math.nan),
+        ("handshake_timeout", 0.0),
+        ("discovery_timeout", math.inf),
+        ("idle_grace", math.nan),
+        ("idle_grace", math.inf),
+        ("idle_grace", -0.5),
+        ("queue_frames", 2.5),
+    ],
+)
+def test_client_voice_refuses_unusable_options(option: str, value: float) -> None:
+    # Caught here, not as a join that "timed out" after its retries or a ValueError from deep in a join.
+    with pytest.raises(InvalidArgumentError, match=option):
+        Voice(FakeAdapter("x:1"), **{option: value})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="move_wait"):
+        ReconnectConfig(move_wait=math.nan)
 
 
 async def test_client_context_managers_and_concurrent_disconnects(loop_errors: LoopErrors) -> None:
