@@ -8,15 +8,23 @@ in an inner pytest session (a subprocess), as a user's suite would.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from cordvoice.audio.samples import write_demo_ogg
+import cordvoice
+from cordvoice.audio.opus import OpusEncoder
+from cordvoice.audio.pcm import iter_frames
+from cordvoice.audio.samples import tone, write_demo_ogg
 from cordvoice.emulator import DiscordEmulator, Participant
+from cordvoice.gateway import Client
 
 from .docs_helpers import named_block
 
@@ -124,6 +132,54 @@ async def test_the_discordpy_bot_plays_a_file_on_the_emulator(tmp_path: Path, sa
         status, output = await _run(*argv, env=env)
         assert status == 0, output
         assert len(await _heard(listener, emu.bot.user_id)) == AUDIO_FRAMES
+
+
+async def _run_fragment(name: str, namespace: dict[str, Any]) -> None:
+    """Run the block ``name``, a fragment with top-level awaits, with ``namespace`` as its globals."""
+    code = compile(named_block(name).code, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    result = eval(code, namespace)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def test_the_readme_listening_and_recording_fragments_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the recording goes to ./meeting
+    encoder = OpusEncoder()
+    frames = [encoder.encode(frame) for frame in iter_frames(tone(440.0, SECONDS))]
+    encoder.close()
+    async with DiscordEmulator() as emu:
+        talker = await emu.listener(name="talker")
+        client = Client(emu.bot.token, gateway_url=emu.gateway_url, api_base=emu.api_base)
+        async with client, cordvoice.Voice(client, ssl=emu.voice_ssl) as voice:
+            session = await voice.join_channel(emu.guild_id, emu.channel_id)
+            await talker.wait_dave_ready()
+            talked = asyncio.Event()
+
+            async def until_talked(_seconds: float) -> None:
+                await talked.wait()  # the recording's "asyncio.sleep(60)": until the talker is done
+
+            listening = asyncio.create_task(_run_fragment("readme-listen", {"session": session}))
+            fast = SimpleNamespace(sleep=until_talked)
+            recording = asyncio.create_task(
+                _run_fragment("readme-record", {"session": session, "asyncio": fast})
+            )
+            await asyncio.sleep(0.1)  # both fragments are attached
+            await talker.play(frames)
+            talked.set()
+            async with asyncio.timeout(5):
+                await recording
+                await listening  # closing the receiver ends the stream
+    user = talker.user_id
+    assert sorted(path.name for path in (tmp_path / "meeting").iterdir()) == sorted(
+        [f"{user}.wav", f"{user}.opus", "mixed.wav"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    heard = [line for line in lines if line.startswith(f"{user} ") and len(line.split()) == 3]
+    assert len(heard) >= len(frames), "the listener printed every frame"
+    delivered, lost, undecryptable = map(int, lines[-1].split()[1:])
+    assert lines[-1].startswith(f"{user} ") and delivered >= len(frames) and lost == undecryptable == 0
 
 
 def test_the_documented_bot_tests_pass(pytester: pytest.Pytester) -> None:
