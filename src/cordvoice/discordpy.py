@@ -125,11 +125,20 @@ class VoiceClient(discord.VoiceProtocol):
         if not isinstance(adapter, DiscordPyAdapter):
             raise GatewayError("this client's Voice is not driven by discord.py")
         self._adapter = adapter
-        self.session: Session | None = None
+        self._session: Session | None = None
         self._joining = False
         self._cleaned = False
         self._self_mute = False
         self._self_deaf = False
+
+    @property
+    def session(self) -> Session:
+        """The cordvoice :class:`~cordvoice.session.Session` once ``connect`` has joined (still readable after
+        it ends: see :meth:`is_connected`); :class:`~cordvoice.errors.VoiceError` before that."""
+        session = self._session
+        if session is None:
+            raise VoiceError("this voice client has not joined yet: use the one channel.connect() returns")
+        return session
 
     @property
     def guild(self) -> Any:
@@ -139,11 +148,11 @@ class VoiceClient(discord.VoiceProtocol):
     @property
     def latency(self) -> float:
         """Voice heartbeat round trip in seconds (inf before the first ACK), like discord.py's."""
-        latency = None if self.session is None else self.session.latency
+        latency = None if self._session is None else self._session.latency
         return float("inf") if latency is None else latency
 
     def is_connected(self) -> bool:
-        return self.session is not None and not self.session.closed
+        return self._session is not None and not self._session.closed
 
     async def on_voice_state_update(self, data: Any, /) -> None:
         self._adapter.feed_voice_state(data)
@@ -179,7 +188,7 @@ class VoiceClient(discord.VoiceProtocol):
             raise
         finally:
             self._joining = False
-        self.session = session
+        self._session = session
         session.on(DisconnectedEvent, self._session_ended)
 
     async def disconnect(self, *, force: bool = False) -> None:
@@ -195,7 +204,7 @@ class VoiceClient(discord.VoiceProtocol):
         if channel is None:
             await self.disconnect()
             return
-        session = self.session
+        session = self._session
         if session is None or not self._owns_guild_session():
             raise VoiceError("this voice client is not connected: connect again with channel.connect()")
         moved = await self.voice.join_channel(
@@ -213,9 +222,9 @@ class VoiceClient(discord.VoiceProtocol):
         session ended, a newer client connected since); acting on the guild would end the newer session."""
         if self._cleaned:
             return False
-        if self.session is None:
+        if self._session is None:
             return self._joining  # disconnect() during connect() ends that join, as Voice.leave does
-        return self.voice.session(self.guild.id) is self.session
+        return self.voice.session(self.guild.id) is self._session
 
     def _session_ended(self, event: DisconnectedEvent) -> None:
         self.cleanup()

@@ -176,7 +176,9 @@ async def test_client_discordpy_disconnect_during_connect_ends_the_join(discordp
         )
         await wait_until(lambda: world.voice_state_channel() is not None)
         vc = world.guild.voice_client
-        assert isinstance(vc, cordvoice.discordpy.VoiceClient) and vc.session is None
+        assert isinstance(vc, cordvoice.discordpy.VoiceClient) and not vc.is_connected()
+        with pytest.raises(VoiceError):
+            vc.session  # noqa: B018 - not joined yet
 
         await vc.disconnect()
         async with asyncio.timeout(2):  # well before the join's own timeouts

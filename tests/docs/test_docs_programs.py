@@ -12,6 +12,7 @@ import ast
 import asyncio
 import inspect
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,6 +133,20 @@ async def test_the_discordpy_bot_plays_a_file_on_the_emulator(tmp_path: Path, sa
         status, output = await _run(*argv, env=env)
         assert status == 0, output
         assert len(await _heard(listener, emu.bot.user_id)) == AUDIO_FRAMES
+
+
+def test_the_documented_programs_pass_mypy_strict(tmp_path: Path) -> None:
+    """cordvoice ships py.typed: the programs a user copies type-check strictly as written."""
+    programs = [str(_program(tmp_path, name)) for name in ("readme-bot", "discordpy-bot", "bare-adapter")]
+    source = Path(cordvoice.__file__).resolve().parents[1]
+    env = dict(os.environ)
+    if source.name != "site-packages":  # a checkout (PYTHONPATH=src, or an editable install)
+        env["MYPYPATH"] = str(source)
+    command = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), *programs]
+    result = subprocess.run(
+        command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def _run_fragment(name: str, namespace: dict[str, Any]) -> None:
