@@ -149,6 +149,34 @@ def test_the_documented_programs_pass_mypy_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _definitions(name: str) -> dict[str, Any]:
+    """The imports, classes and functions of the program ``name``, without running it."""
+    tree = ast.parse(named_block(name).code)
+    kept = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    tree.body = [node for node in tree.body if isinstance(node, kept)]
+    namespace: dict[str, Any] = {}
+    exec(compile(tree, name, "exec"), namespace)
+    return namespace
+
+
+async def test_the_bare_adapter_follows_the_adapter_rules_when_its_socket_is_gone() -> None:
+    # docs/adapters.md: update_voice_state "raises cordvoice.GatewayError if it cannot be sent".
+    from websockets.asyncio.client import connect  # noqa: PLC0415
+    from websockets.asyncio.server import ServerConnection, serve  # noqa: PLC0415
+
+    async def close_at_once(ws: ServerConnection) -> None:
+        await ws.close()
+
+    adapter_class = _definitions("bare-adapter")["BareAdapter"]
+    async with serve(close_at_once, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}") as ws:
+            await ws.wait_closed()
+            adapter = adapter_class(ws, 1)
+            with pytest.raises(cordvoice.GatewayError):
+                await adapter.update_voice_state(2, 3)
+
+
 async def _run_fragment(name: str, namespace: dict[str, Any]) -> None:
     """Run the block ``name``, a fragment with top-level awaits, with ``namespace`` as its globals."""
     code = compile(named_block(name).code, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
