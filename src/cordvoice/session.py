@@ -240,8 +240,8 @@ class Session:
         self._adapter = adapter
         self._user_id = user_id
         self._channel_id = channel_id
-        self._self_mute = self_mute
-        self._self_deaf = self_deaf
+        self._voice_flags = (self_mute, self_deaf)
+        """self_mute and self_deaf of the last op 4 that joined or moved: a rejoin asks with the same."""
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
         self._state = SessionState.CONNECTING
@@ -1011,7 +1011,10 @@ class Session:
                 self._expect_null_state += 1
                 await self._adapter.update_voice_state(self.guild_id, None)
             await self._adapter.update_voice_state(
-                self.guild_id, self._channel_id, self_mute=self._self_mute, self_deaf=self._self_deaf
+                self.guild_id,
+                self._channel_id,
+                self_mute=self._voice_flags[0],
+                self_deaf=self._voice_flags[1],
             )
             while self._state_gen == state_generation and not self._have_credentials(generation):
                 if self._interrupt is _Interrupt.GATEWAY_LOST:

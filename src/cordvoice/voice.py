@@ -246,7 +246,8 @@ class Voice:
         def arrived() -> bool:
             return session.state is SessionState.READY and session.channel_id == channel_id
 
-        if arrived():
+        flags = (self_mute, self_deaf)
+        if arrived() and session._voice_flags == flags:
             return session
         # Whichever event gets the session there: Ready after a fresh Identify, or Resumed (a repeated op 4
         # for the channel a session is resuming in brings back the same token, so no Identify follows).
@@ -258,6 +259,7 @@ class Voice:
                 await self._adapter.update_voice_state(
                     session.guild_id, channel_id, self_mute=self_mute, self_deaf=self_deaf
                 )
+                session._voice_flags = flags  # rejoins ask with these; a flags-only change has arrived
                 while not arrived():
                     final = session.disconnected_event
                     if final is not None:

@@ -153,6 +153,26 @@ async def test_client_join_is_fast_and_idempotent(world: VoiceWorld) -> None:
     print(f"join took {elapsed * 1000:.1f} ms")
 
 
+async def test_client_join_again_with_other_flags_mutes_and_deafens(world: VoiceWorld) -> None:
+    emu, guild_id, bot_id = world.emu, world.guild.id, world.bot.user_id
+    other = emu.create_voice_channel(guild_id, "Other")
+
+    def flags() -> tuple[bool, bool] | None:
+        state = emu.state.voice_state(guild_id, bot_id)
+        return None if state is None else (state.self_mute, state.self_deaf)
+
+    session = await world.voice.join_channel(guild_id, world.channel.id)
+    assert await world.voice.join_channel(guild_id, world.channel.id, self_deaf=True) is session
+    await wait_until(lambda: flags() == (False, True))
+    await world.voice.join_channel(guild_id, other.id, self_mute=True, timeout=10)  # a move with new flags
+    await wait_until(lambda: flags() == (True, False))
+    # A rejoin asks for the channel again with the flags last asked for, not those of the first join.
+    rejoined = asyncio.ensure_future(session.wait_for(ReadyEvent, timeout=10))
+    await emu.faults.close_client(bot_id, 4006)
+    await rejoined
+    assert flags() == (True, False) and session.channel_id == other.id
+
+
 @pytest.mark.parametrize("server_update_first", [False, True])
 async def test_client_move_between_channels_keeps_the_session(
     world: VoiceWorld, server_update_first: bool
