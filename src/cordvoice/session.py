@@ -515,6 +515,9 @@ class Session:
     async def speaking(self, flags: int = SpeakingFlag.MICROPHONE) -> None:
         """Send op 5 with ``flags`` (0 stops the indicator). Writing audio turns speaking on by itself."""
         self._check_open()
+        if not isinstance(flags, int) or not 0 <= flags <= 0xFFFF_FFFF:
+            # Sent as is, the server would refuse it (4020) and end the session.
+            raise InvalidArgumentError(f"speaking flags must be SpeakingFlag bits (a u32), got {flags!r}")
         self._flags = int(flags) or self._flags
         self._lane.mark_speaking(bool(flags))
         await self._send_speaking(int(flags))

@@ -23,6 +23,7 @@ from cordvoice import (
     SessionEvent,
     SessionState,
     SpeakingEvent,
+    SpeakingFlag,
     Voice,
     VoiceError,
 )
@@ -103,6 +104,11 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             await session.write("text")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
             session.on(int, print)  # type: ignore[arg-type]
+        for flags in (-1, 1 << 32, "1"):
+            with pytest.raises(InvalidArgumentError):
+                await session.speaking(flags)  # type: ignore[arg-type]
+        await session.speaking(SpeakingFlag.MICROPHONE | SpeakingFlag.PRIORITY)
+        assert session.state is SessionState.READY
     with pytest.raises(InvalidArgumentError):
         Voice(FakeAdapter("x:1"), queue_frames=0)
 
