@@ -361,6 +361,8 @@ class Session:
         0.2-0.4 s and so stalls every session's audio in the process. Call it on demand (a user asked to
         verify), never on a timer; results are cached until the DAVE epoch changes.
         """
+        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id < 1 << 64:
+            raise InvalidArgumentError(f"user_id must be a positive integer snowflake, got {user_id!r}")
         protocol = self._protocol
         if protocol is None:
             return None

@@ -104,6 +104,9 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             await session.write("text")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
             session.on(int, print)  # type: ignore[arg-type]
+        for user_id in (-1, 0, 1 << 64, "9"):
+            with pytest.raises(InvalidArgumentError):
+                session.verification_code(user_id)  # type: ignore[arg-type]
         for flags in (-1, 1 << 32, "1"):
             with pytest.raises(InvalidArgumentError):
                 await session.speaking(flags)  # type: ignore[arg-type]
