@@ -145,6 +145,12 @@ Spawn: TypeAlias = Callable[[Awaitable[None], str], object]
 logger = logging.getLogger(__name__)
 
 
+def check_event_type(event_type: object) -> None:
+    """Raise InvalidArgumentError unless ``event_type`` is a :class:`SessionEvent` class."""
+    if not (isinstance(event_type, type) and issubclass(event_type, SessionEvent)):
+        raise InvalidArgumentError(f"{event_type!r} is not a cordvoice session event type")
+
+
 class EventHub:
     """Subscribers of one event source. Handlers registered for a class also get its subclasses' events.
 
@@ -159,8 +165,7 @@ class EventHub:
 
     def on(self, event_type: type[E], handler: Callable[[E], Awaitable[None] | None]) -> Callable[[], None]:
         """Subscribe ``handler`` to ``event_type``; returns a callable that unsubscribes it."""
-        if not (isinstance(event_type, type) and issubclass(event_type, SessionEvent)):
-            raise InvalidArgumentError(f"{event_type!r} is not a cordvoice session event type")
+        check_event_type(event_type)
         handlers = self._handlers.setdefault(event_type, [])
         handlers.append(handler)
 

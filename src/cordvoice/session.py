@@ -60,6 +60,7 @@ from cordvoice.events import (
     ResumedEvent,
     SessionEvent,
     SpeakingEvent,
+    check_event_type,
 )
 from cordvoice.gateway.adapter import VoiceAdapter
 from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
@@ -481,6 +482,7 @@ class Session:
         Raises DisconnectedError once the session has ended without such an event (its
         :class:`DisconnectedEvent`, the last one, is returned only if it is one and passes ``check``).
         """
+        check_event_type(event_type)
         if self._final is not None:
             if isinstance(self._final, event_type) and (check is None or check(self._final)):
                 return self._final

@@ -104,6 +104,8 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             await session.write("text")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
             session.on(int, print)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            await session.wait_for(int, timeout=1)  # type: ignore[type-var]
         for user_id in (-1, 0, 1 << 64, "9"):
             with pytest.raises(InvalidArgumentError):
                 session.verification_code(user_id)  # type: ignore[arg-type]
