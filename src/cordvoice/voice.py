@@ -183,7 +183,9 @@ class Voice:
     async def close(self) -> None:
         """Leave every channel and stop listening to the adapter."""
         self._closed = True
-        sessions = list(self._sessions.values())
+        # Leaves already under way too: once close() returns, the bot may close its gateway, and a leave whose
+        # op 4 has not gone out by then would leave the bot in the channel on Discord.
+        sessions = [*self._sessions.values(), *self._leaving.values()]
         self._sessions.clear()
         await asyncio.gather(*(s.disconnect() for s in sessions), return_exceptions=True)
         self._adapter.set_listener(None)

@@ -447,3 +447,17 @@ async def test_client_wait_for_that_the_end_cannot_satisfy_raises(loop_errors: L
             for waiter in (resumed_or_moved, failed_end):
                 with pytest.raises(DisconnectedError):
                     await waiter
+
+
+async def test_client_close_waits_for_a_leave_in_progress(loop_errors: LoopErrors) -> None:
+    # A bot closes its Voice (and then its gateway) while a command's leave() is still going out: close()
+    # returns only once that leave's op 4 was sent, or the bot would stay in the channel on Discord.
+    async with RawVoiceServer() as server:
+        adapter = FakeAdapter(server.endpoint)
+        voice = make_voice(adapter)
+        await voice.join_channel(GUILD, CHANNEL)
+        leaving = asyncio.ensure_future(voice.leave(GUILD))
+        await asyncio.sleep(0)
+        await voice.close()
+        assert (GUILD, None) in adapter.requests
+        await leaving
