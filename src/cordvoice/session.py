@@ -1063,6 +1063,8 @@ class Session:
             self._interrupt = None  # news these credentials already include
 
     def _fold_protocol_stats(self) -> None:
+        """Before a new protocol core replaces the current one: keep its counts (``stats`` adds the current
+        core's own, so this runs only when it is replaced, never at the end, or they would count twice)."""
         old = self._protocol
         if old is None:
             return
@@ -1345,7 +1347,6 @@ class Session:
     def _finish(self, reason: str, code: int | None, error: VoiceError | None) -> None:
         if self._final is not None:
             return
-        self._fold_protocol_stats()
         self._final = DisconnectedEvent(self.guild_id, reason, code, error)
         self._set_state(SessionState.DISCONNECTED)
         self._lane.close()

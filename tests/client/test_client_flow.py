@@ -84,6 +84,9 @@ async def test_client_seed_flow_500_frames_byte_identical(world: VoiceWorld) -> 
     await session.disconnect()
     assert session.state is SessionState.DISCONNECTED
     assert len(events) == 1 and events[0].error is None
+    final = session.stats  # what a DisconnectedEvent handler reads: the same counts, none twice
+    assert (final.heartbeats_sent, final.heartbeats_acked) == (stats.heartbeats_sent, stats.heartbeats_acked)
+    assert (final.frames_sent, final.dave_encrypted) == (500, 500)
     # The leave went out as op 4 with a null channel.
     await wait_until(lambda: emu.state.voice_state(world.guild.id, bot.user_id) is None)
 
