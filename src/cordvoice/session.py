@@ -346,7 +346,7 @@ class Session:
     def dave_ready(self) -> bool:
         """True when audio is end-to-end encrypted (DAVE group ready), or the call needs no DAVE."""
         protocol = self._protocol
-        if protocol is None or not protocol.established:
+        if protocol is None or not protocol.established or self._final is not None:
             return False
         return not protocol.dave.dave_required or protocol.dave.ready
 

@@ -155,6 +155,8 @@ class Voice:
         _check_id("guild_id", guild_id)
         _check_id("channel_id", channel_id)
         wait = self.join_timeout if timeout is None else timeout
+        if not 0 < wait < math.inf:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
         lock = self._joins.setdefault(guild_id, asyncio.Lock())
         async with lock:
             self._check_open()  # close() may have run while this join waited for the lock

@@ -97,6 +97,9 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             await voice.join_channel(0, CHANNEL)
         with pytest.raises(InvalidArgumentError):
             await voice.join_channel(GUILD, True)  # type: ignore[arg-type]
+        for timeout in (0.0, -1.0, math.nan, math.inf):
+            with pytest.raises(InvalidArgumentError, match="timeout"):
+                await voice.join_channel(GUILD, CHANNEL, timeout=timeout)
         session = await voice.join_channel(GUILD, CHANNEL)
         with pytest.raises(InvalidArgumentError):
             await session.write(b"")
@@ -113,7 +116,8 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             with pytest.raises(InvalidArgumentError):
                 await session.speaking(flags)  # type: ignore[arg-type]
         await session.speaking(SpeakingFlag.MICROPHONE | SpeakingFlag.PRIORITY)
-        assert session.state is SessionState.READY
+        assert session.state is SessionState.READY and session.dave_ready
+    assert not session.dave_ready, "an ended session sends nothing, encrypted or not"
     with pytest.raises(InvalidArgumentError):
         Voice(FakeAdapter("x:1"), queue_frames=0)
 

@@ -19,8 +19,8 @@ Rules for implementations:
   raises :class:`~cordvoice.errors.GatewayError` when it cannot be sent.
 * A main-gateway *resume* is invisible to voice; only a new session calls ``on_gateway_session_lost``.
 
-``cordvoice.gateway.Client`` (a standalone main-gateway client) implements this protocol; so will the
-discord.py integration.
+``cordvoice.gateway.Client`` (a standalone main-gateway client) implements this protocol, and so does the
+discord.py integration (:mod:`cordvoice.discordpy`).
 """
 
 from __future__ import annotations
