@@ -188,6 +188,9 @@ class SessionStats:
     """Errors the socket reported (ICMP port unreachable while the server restarts); not fatal."""
     udp_hook_errors: int = 0
     """Authenticated RTP packets the receive pipeline failed on (logged; the packet is lost)."""
+    dave_encrypted_in_transition: int = 0
+    """Of ``dave_encrypted``, frames sent with a new epoch's key before its transition executed (op 22):
+    members that had not applied the commit yet could not decrypt them (davey switches keys at commit)."""
 
 
 class _Interrupt(enum.Enum):
@@ -273,7 +276,11 @@ class Session:
         self._udp: UdpConnection | None = None
         self._udp_stats = UdpStats()
         self._sender: RtpSender | None = None
-        self._dave_totals = [0, 0]  # encrypt failures and recoveries of replaced DAVE clients
+        self._dave_totals = [
+            0,
+            0,
+            0,
+        ]  # encrypt failures, recoveries, in-transition frames of replaced clients
 
         # Media.
         self._flags = int(SpeakingFlag.MICROPHONE)
@@ -450,6 +457,7 @@ class Session:
             dave_encrypted=lane.dave_encrypted,
             dave_encrypt_failures=self._dave_totals[0] + (dave.encrypt_failures if dave else 0),
             dave_recoveries=self._dave_totals[1] + (dave.recoveries if dave else 0),
+            dave_encrypted_in_transition=self._dave_totals[2] + (dave.encrypted_in_transition if dave else 0),
             udp_foreign=udp.foreign,
             udp_untracked_ssrcs=udp.untracked_ssrcs,
             replies_dropped=self._replies_dropped,
@@ -1074,6 +1082,7 @@ class Session:
         stats = old.dave.stats
         self._dave_totals[0] += stats.encrypt_failures
         self._dave_totals[1] += stats.recoveries
+        self._dave_totals[2] += stats.encrypted_in_transition
 
     def _established(self) -> bool:
         return self._protocol is not None and self._protocol.established

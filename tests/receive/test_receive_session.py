@@ -6,6 +6,8 @@ import asyncio
 
 from cordvoice.audio.receive_pipeline import SpeakingChange, VoiceFrame
 from cordvoice.audio.samples import speech_like
+from cordvoice.audio.sources import FramesSource
+from cordvoice.session import SessionState
 
 from .receive_helpers import aligned_correlation, encode_pcm, to_mono
 from .receive_world import bot_world
@@ -41,3 +43,32 @@ async def test_session_listen_hears_a_participant_and_ends_with_the_session() ->
     assert ("audio", True) in [(c.source, c.speaking) for c in changes]
     assert receiver.stats(speaker.user_id).undecryptable == 0
     assert session.receive_hook is None  # the closed receiver unhooked itself
+
+
+async def test_frames_the_bot_encrypts_before_a_transition_executes_are_counted() -> None:
+    """davey switches the bot's sending key when it applies a commit, before op 22: a member that applies
+    the commit later cannot decrypt those frames. Every such frame a listener loses must show on the bot's
+    side (``dave_encrypted_in_transition``)."""
+    frames = encode_pcm(speech_like(4.0, voice=1))
+    async with bot_world("transition-send") as world:
+        # Members get the gateway's messages up to 200 ms apart: commits land at visibly different moments.
+        world.emu.set_delivery_order(world.channel_id, seed=3, max_delay=0.2)
+        listeners = [await world.add_speaker(f"listener{i}") for i in range(2)]
+        await world.converge(listeners)
+        session = world.session
+        before = session.stats.dave_encrypted_in_transition
+        track = session.play(FramesSource(frames, kind="opus"))
+        await asyncio.sleep(0.5)
+        for step in range(2):
+            await asyncio.gather(*(world.add_speaker(f"visitor{step}{k}") for k in range(3)))
+            await asyncio.sleep(1.0)
+        await track.wait()
+        await asyncio.sleep(0.3)
+        at_risk = session.stats.dave_encrypted_in_transition - before
+        assert session.state is SessionState.READY
+        for listener in listeners:
+            heard = len(listener.frames_from(world.bot_user_id))
+            lost = listener.stats.dave_undecryptable[world.bot_user_id]
+            assert heard + lost >= len(frames), (heard, lost)
+            assert lost <= at_risk, (lost, at_risk, listener.stats.dave_undecryptable)
+        assert at_risk > 0  # the joins changed the epoch while the bot was sending

@@ -15,7 +15,8 @@ Decisions where the sources are silent:
   stale, sent before the server saw our op 31, and is ignored rather than answered with a second op 31.
 * davey switches the sending key as soon as a commit or Welcome is applied, not on op 22; peers that apply
   the commit later cannot decrypt those frames for a moment. :meth:`DaveClient.decrypt` reports them as
-  :class:`~cordvoice.errors.DaveKeyPendingError` so the receive path can hold and retry them.
+  :class:`~cordvoice.errors.DaveKeyPendingError` so the receive path can hold and retry them; on the sending
+  side, frames encrypted in that window are counted (``DaveStats.encrypted_in_transition``).
 * A member that stays without a usable group for ``stall_timeout`` seconds while other members are in the
   call recovers on its own (op 31 and a new key package, as after a failed commit), when the session calls
   :meth:`DaveClient.check_progress`. Without it a lost op 26 or op 31 (written into a socket that died just
@@ -125,6 +126,11 @@ class DaveStats:
     encrypted: int = 0
     """Frames :meth:`DaveClient.encrypt` encrypted. The transmit lane calls ``encryptor`` directly and counts
     its own (``TransmitStats.dave_encrypted``, which ``Session.stats`` reports)."""
+    encrypted_in_transition: int = 0
+    """Frames encrypted with a new epoch's key before the server executed its transition (op 22). davey
+    switches the sending key when the commit or Welcome is applied, not on op 22 (protocol.md §6.4): a member
+    that applies the commit later cannot decrypt these, so this bounds what listeners may have lost. Counted
+    for the transmit lane's frames too."""
     encrypt_withheld: int = 0
     """Frames :meth:`DaveClient.encrypt` refused because DAVE is required and the group is not ready (the
     caller sends silence); the transmit lane counts its own ticks withheld (``dave_withheld``)."""
@@ -166,6 +172,7 @@ class DaveClient:
         "_session",
         "_stall_timeout",
         "_stalled_since",
+        "_unexecuted_commits",
         "_user_id",
         "encryptor",
         "stats",
@@ -184,6 +191,9 @@ class DaveClient:
         self._pending_transitions: dict[int, int | None] = {}
         """Transitions acknowledged and not yet executed: the protocol version an op 21 moves to, or None for
         a commit or welcome (ops 29/30), which keeps whatever version is current when it executes."""
+        self._unexecuted_commits: set[int] = set()
+        """Transition ids of commits and Welcomes applied whose op 22 has not come: davey already sends with
+        the new key, which members that have not applied the commit yet cannot decrypt."""
         self._ready = False
         self._reported_epoch: int | None = None
         self._plain_peers_possible = False
@@ -275,6 +285,7 @@ class DaveClient:
         self._user_id = user_id
         self._channel_id = channel_id
         self._pending_transitions.clear()
+        self._unexecuted_commits.clear()
         if protocol_version <= 0:
             self._protocol_version = 0
             self._plain_peers_possible = True
@@ -528,6 +539,7 @@ class DaveClient:
     def _start_over(self, out: list[DaveAction]) -> None:
         """A fresh local MLS state for the current version, then a new key package (op 26)."""
         version = self._protocol_version or 0
+        self._unexecuted_commits.clear()  # they belong to the group being left
         session = self._session
         if session is not None and not self._call(
             "reinit", session.reinit, version, self._user_id, self._channel_id, self._key_pair
@@ -560,6 +572,9 @@ class DaveClient:
         self._start_over(out)
 
     def _joined_transition(self, transition_id: int, out: list[DaveAction]) -> None:
+        if transition_id != 0:
+            self._pending_transitions[transition_id] = None
+            self._unexecuted_commits.add(transition_id)
         self._update_ready(out)
         if self._plain_peers_possible and self._ready and self._session is not None:
             # First group after a transport-only phase: keep accepting plain frames for a while.
@@ -572,10 +587,10 @@ class DaveClient:
                 UPGRADE_PASSTHROUGH_S,
             )
         if transition_id != 0:
-            self._pending_transitions[transition_id] = None
             out.append(SendTransitionReady(transition_id))
 
     def _execute(self, transition_id: int, out: list[DaveAction]) -> None:
+        self._unexecuted_commits.discard(transition_id)
         version = self._pending_transitions.pop(transition_id, None)
         if version is None:  # a commit or welcome: a downgrade executed meanwhile must not be undone
             version = self._protocol_version or 0
@@ -601,12 +616,29 @@ class DaveClient:
             and session.ready
             and (session.epoch or 0) >= 1
         )
-        self.encryptor = session.encrypt_opus if self._ready and session is not None else None
+        encryptor: Callable[[bytes], bytes] | None = None
+        if self._ready and session is not None:
+            encryptor = session.encrypt_opus
+            if self._unexecuted_commits:
+                encryptor = self._counting_in_transition(encryptor)
+        self.encryptor = encryptor
         epoch = session.epoch if self._ready and session is not None else None
         if epoch != self._reported_epoch:
             self._reported_epoch = epoch
             self.stats.epoch_changes += 1
             out.append(EpochChanged(epoch, self.privacy_code))
+
+    def _counting_in_transition(self, encrypt: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+        """``encrypt`` that counts its frames in ``encrypted_in_transition`` (only used until op 22, so the
+        common path keeps calling davey directly)."""
+        stats = self.stats
+
+        def encrypt_in_transition(opus: bytes) -> bytes:
+            frame = encrypt(opus)
+            stats.encrypted_in_transition += 1
+            return frame
+
+        return encrypt_in_transition
 
     def _call(self, name: str, method: Callable[..., object], *args: object) -> bool:
         """Run a davey call whose only failure mode is a ValueError; count it instead of raising."""
