@@ -72,3 +72,30 @@ async def test_frames_the_bot_encrypts_before_a_transition_executes_are_counted(
             assert heard + lost >= len(frames), (heard, lost)
             assert lost <= at_risk, (lost, at_risk, listener.stats.dave_undecryptable)
         assert at_risk > 0  # the joins changed the epoch while the bot was sending
+
+
+async def test_a_move_to_another_channel_ends_the_old_channels_speakers() -> None:
+    """After the bot moves, nobody of the old channel is in its call: a member talking there must not stay
+    speaking (nor mapped) in the receiver for good, since no op 13 will ever come for it."""
+    frames = encode_pcm(speech_like(3.0, voice=1))
+    async with bot_world("move") as world:
+        talker = await world.add_speaker("talker")
+        await world.converge([talker])
+        receiver = world.receiver
+        events = receiver.speaking_events()
+        playing = asyncio.create_task(talker.play(frames))
+        await asyncio.sleep(0.5)
+        other = world.emu.create_voice_channel(world.guild_id, "Other")
+        newcomer = await world.emu.add_participant(other.id, name="newcomer")
+        session = await world.voice.join_channel(world.guild_id, other.id)
+        assert session is world.session and session.receiver is receiver
+        await world.converge([newcomer])
+        await newcomer.play(frames[:50])
+        await asyncio.sleep(0.3)
+        playing.cancel()
+        changes = [events.get_nowait() for _ in range(len(events))]
+        gateway = [c.speaking for c in changes if c.user_id == talker.user_id and c.source == "gateway"]
+        assert gateway == [True, False], changes
+        assert talker.ssrc not in receiver.ssrc_users
+        assert receiver.ssrc_users[newcomer.ssrc] == newcomer.user_id
+        assert receiver.stats(newcomer.user_id).delivered >= 50

@@ -49,6 +49,7 @@ from cordvoice.events import (
     ClientDisconnectEvent,
     DaveEpochEvent,
     DisconnectedEvent,
+    MovedEvent,
     SpeakingEvent,
 )
 
@@ -265,11 +266,18 @@ class Receiver:
         async def closed(_event: DisconnectedEvent) -> None:
             await receiver.close()
 
+        def moved(event: MovedEvent) -> None:
+            # Nobody of the old channel is in the new call and no op 13 will come for them: they leave here
+            # (their last frames play out and their speaking ends), before the new call's op 11 and op 5.
+            if event.channel_id != event.previous_channel_id:
+                receiver.on_clients_left({*receiver.users, *receiver.pipeline.recognized_users})
+
         receiver._detachers = [
             session.on(SpeakingEvent, lambda e: receiver.on_speaking(e.user_id, e.ssrc, e.flags)),
             session.on(ClientConnectEvent, lambda e: receiver.on_clients_connect(e.user_ids)),
             session.on(ClientDisconnectEvent, lambda e: receiver.on_client_disconnect(e.user_id)),
             session.on(DaveEpochEvent, lambda e: receiver.on_dave_epoch(e.epoch)),
+            session.on(MovedEvent, moved),
             session.on(DisconnectedEvent, closed),
         ]
         session.set_receive_hook(receiver.feed)
@@ -310,6 +318,13 @@ class Receiver:
         """Op 13."""
         if not self._closed:
             self._core.on_client_disconnect(user_id, time.monotonic())
+
+    def on_clients_left(self, user_ids: Iterable[int]) -> None:
+        """Users known to have left without an op 13 (the bot moved to another channel)."""
+        if not self._closed:
+            now = time.monotonic()
+            for user_id in list(user_ids):
+                self._core.on_client_disconnect(user_id, now)
 
     def on_dave_epoch(self, epoch: int | None = None) -> None:
         """The DAVE group changed (any epoch event): retry frames that were waiting for their key."""
