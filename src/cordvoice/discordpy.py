@@ -7,8 +7,13 @@ VOICE_SERVER_UPDATE payloads, which it forwards to the bot's single :class:`~cor
 :class:`~cordvoice.session.Session`::
 
     vc = await channel.connect(cls=cordvoice.discordpy.VoiceClient)
-    await vc.session.write(opus_frame)
+    vc.play(discord.FFmpegPCMAudio("song.mp3"), after=lambda error: print("done", error))
+    await vc.session.write(opus_frame)  # or all of cordvoice's Session
     await vc.disconnect()
+
+``vc.play``, ``is_playing``, ``is_paused``, ``pause``, ``resume``, ``stop`` and ``source`` take discord.py
+``AudioSource`` objects and behave as discord.py's (``after`` runs once, on a worker thread, with the
+source's exception or None); they play through the session's :class:`~cordvoice.audio.player.Player`.
 
 To choose the Voice's options (for example ``ssl`` for a local emulator), create it first with
 ``cordvoice.Voice.from_discordpy(client, ssl=...)``; later ``connect`` calls reuse it (or, once it is
@@ -20,13 +25,18 @@ reaches cordvoice as the voice server's close code (4014/4006) instead of ``on_g
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import discord
 
-from cordvoice.errors import GatewayError, ProtocolError, VoiceError
+from cordvoice.audio.sources import AudioSource
+from cordvoice.audio.track import Track
+from cordvoice.errors import AudioError, GatewayError, ProtocolError, VoiceError
 from cordvoice.events import DisconnectedEvent
 from cordvoice.gateway.adapter import VoiceEventListener
 from cordvoice.gateway.events import parse_voice_server_update, parse_voice_state_update
@@ -36,6 +46,8 @@ from cordvoice.voice import Voice
 __all__ = ["DiscordPyAdapter", "VoiceClient", "voice_for"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _voices: weakref.WeakKeyDictionary[Any, tuple[Voice, dict[str, Any]]] = weakref.WeakKeyDictionary()
 """Each client's Voice and the options it was made with."""
@@ -115,6 +127,28 @@ def voice_for(client: discord.Client, **kwargs: Any) -> Voice:
     return voice
 
 
+class _DiscordPySource(AudioSource):
+    """A discord.py ``AudioSource`` (20 ms of PCM or one Opus packet per read) as a cordvoice source."""
+
+    def __init__(self, source: discord.AudioSource) -> None:
+        self.source = source
+        self.kind = "opus" if source.is_opus() else "pcm"
+        self.name = type(source).__name__
+        self.error: Exception | None = None
+        """What the source's read() raised, for ``after`` (discord.py passes the source's own exception)."""
+
+    def read(self) -> bytes | None:
+        try:
+            data = self.source.read()
+        except Exception as exc:
+            self.error = exc
+            raise
+        return data or None  # discord.py: an empty read is the end
+
+    def close(self) -> None:
+        self.source.cleanup()
+
+
 class VoiceClient(discord.VoiceProtocol):
     """discord.py's voice protocol backed by cordvoice; ``session`` is the cordvoice Session."""
 
@@ -130,6 +164,10 @@ class VoiceClient(discord.VoiceProtocol):
         self._cleaned = False
         self._self_mute = False
         self._self_deaf = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._track: Track | None = None
+        self._playing: _DiscordPySource | None = None
+        self._after_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def session(self) -> Session:
@@ -151,8 +189,137 @@ class VoiceClient(discord.VoiceProtocol):
         latency = None if self._session is None else self._session.latency
         return float("inf") if latency is None else latency
 
+    @property
+    def average_latency(self) -> float:
+        """The same as :attr:`latency`: cordvoice keeps only the last heartbeat's round trip."""
+        return self.latency
+
     def is_connected(self) -> bool:
         return self._session is not None and not self._session.closed
+
+    # ==== discord.py's playback API =======================================================================
+
+    def play(
+        self,
+        source: discord.AudioSource,
+        *,
+        after: Callable[[Exception | None], Any] | None = None,
+        **encoder_options: Any,
+    ) -> None:
+        """Play a discord.py ``AudioSource``; ``after(error)`` runs once on a worker thread when it ends.
+
+        As in discord.py: ``ClientException`` when not connected or already playing, ``TypeError`` for
+        anything but an ``AudioSource``. ``encoder_options`` (bitrate, fec, ...) are ignored: cordvoice's
+        Player encodes (``vc.session.player.bitrate``). May be called from any thread (``after`` included).
+        """
+        self._on_loop(self._play, source, after)
+
+    def _play(self, source: discord.AudioSource, after: Callable[[Exception | None], Any] | None) -> None:
+        if not self.is_connected():
+            raise discord.ClientException("Not connected to voice.")
+        if self.is_playing():
+            raise discord.ClientException("Already playing audio.")
+        if not isinstance(source, discord.AudioSource):
+            raise TypeError(f"source must be an AudioSource not {source.__class__.__name__}")
+        if after is not None and not callable(after):
+            raise TypeError('Expected a callable for the "after" parameter.')
+        self._stop()  # a paused source ends (its after runs) rather than playing on under the new one
+        playing = _DiscordPySource(source)
+        track = self.session.play(playing, kind=playing.kind)
+        self._track, self._playing = track, playing
+        task = asyncio.get_running_loop().create_task(self._call_after(track, playing, after))
+        self._after_tasks.add(task)
+        task.add_done_callback(self._after_tasks.discard)
+
+    async def _call_after(
+        self, track: Track, playing: _DiscordPySource, after: Callable[[Exception | None], Any] | None
+    ) -> None:
+        error: Exception | None = None
+        try:
+            await track.wait()
+        except AudioError as exc:
+            error = playing.error or exc
+        if self._track is track:
+            self._track = self._playing = None
+        if after is None:
+            if error is not None:
+                logger.error("guild %d: a discord.py source failed", self.guild.id, exc_info=error)
+            return
+        # On a thread, as discord.py does: an after that blocks on run_coroutine_threadsafe(...).result()
+        # (discord.py's FAQ) must not block the event loop.
+        await asyncio.to_thread(self._run_after, after, error)
+
+    def _run_after(self, after: Callable[[Exception | None], Any], error: Exception | None) -> None:
+        try:
+            after(error)
+        except Exception:
+            logger.exception("guild %d: calling the after function failed", self.guild.id)
+
+    def is_playing(self) -> bool:
+        track = self._track
+        return track is not None and not track.done and not track.paused
+
+    def is_paused(self) -> bool:
+        track = self._track
+        return track is not None and not track.done and track.paused
+
+    def stop(self) -> None:
+        """Stop playing; ``after`` runs with None."""
+        self._on_loop(self._stop)
+
+    def _stop(self) -> None:
+        track = self._track
+        self._track = self._playing = None
+        if track is not None:
+            track.stop()
+
+    def pause(self) -> None:
+        self._on_loop(self._pause, True)
+
+    def resume(self) -> None:
+        self._on_loop(self._pause, False)
+
+    def _pause(self, pause: bool) -> None:
+        track = self._track
+        if track is not None:
+            (track.pause if pause else track.resume)()
+
+    @property
+    def source(self) -> discord.AudioSource | None:
+        """The discord.py ``AudioSource`` being played; setting it switches sources without ``after``."""
+        playing = self._playing
+        return None if playing is None else playing.source
+
+    @source.setter
+    def source(self, value: discord.AudioSource) -> None:
+        if not isinstance(value, discord.AudioSource):
+            raise TypeError(f"expected AudioSource not {value.__class__.__name__}.")
+        playing = self._playing
+        if playing is None:
+            raise ValueError("Not playing anything.")
+        if value.is_opus() != (playing.kind == "opus"):
+            raise TypeError("the new source must be Opus (or PCM) like the one it replaces")
+        playing.source = value
+
+    def _on_loop(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(*args)`` on the event loop, waiting for it from another thread (``after`` calls play())."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            return call(*args)
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return done.result()
 
     async def on_voice_state_update(self, data: Any, /) -> None:
         self._adapter.feed_voice_state(data)
@@ -175,6 +342,7 @@ class VoiceClient(discord.VoiceProtocol):
     ) -> None:
         """Join through cordvoice; ``reconnect`` is cordvoice's policy and always on."""
         channel: Any = self.channel
+        self._loop = asyncio.get_running_loop()
         self._self_mute, self._self_deaf = self_mute, self_deaf
         self._joining = True
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -205,4 +207,87 @@ async def test_client_discordpy_connect_timeout_is_the_join_timeout(discordpy_bo
             with pytest.raises(TimeoutError):
                 await connecting
         assert world.guild.voice_client is None
+        await voice.close()
+
+
+class _OpusFrames(discord.AudioSource):
+    """A custom discord.py source of Opus packets; ``fail`` raises it from read() instead of ending."""
+
+    def __init__(self, frames: tuple[bytes, ...], fail: Exception | None = None) -> None:
+        self.frames = list(frames)
+        self.fail = fail
+        self.cleaned = 0
+
+    def read(self) -> bytes:
+        if self.frames:
+            return self.frames.pop(0)
+        if self.fail is not None:
+            raise self.fail
+        return b""
+
+    def is_opus(self) -> bool:
+        return True
+
+    def cleanup(self) -> None:
+        self.cleaned += 1
+
+
+async def test_client_discordpy_plays_discordpy_audio_sources(discordpy_bot: DiscordpyBot) -> None:
+    # A discord.py bot's vc.play(source, after=...) and the calls around it work as in discord.py.
+    async with dpy_guild(discordpy_bot) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        listener = await world.emu.add_participant(world.channel_ids[0], name="listener")
+        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        await listener.wait_dave_ready()
+        await wait_until(lambda: vc.session.dave_ready)
+        loop_thread = threading.get_ident()
+        afters: list[tuple[Exception | None, bool]] = []
+
+        def after(error: Exception | None) -> None:
+            afters.append((error, threading.get_ident() != loop_thread))
+
+        # An Opus source passes through untouched; after(None) runs once, off the event loop's thread.
+        frames = opus_frames(25, voice=3)
+        opus = _OpusFrames(frames)
+        vc.play(opus, after=after)
+        assert vc.is_playing() and not vc.is_paused() and vc.source is opus
+        with pytest.raises(discord.ClientException):
+            vc.play(_OpusFrames(frames))
+        await wait_until(lambda: afters == [(None, True)])
+        assert listener.payloads_from(world.bot_id) == list(frames)
+        assert not vc.is_playing() and vc.source is None and opus.cleaned == 1
+
+        # PCM through discord.py's own classes; pause, resume, a source swap, then stop: after(None) once.
+        pcm = discord.PCMVolumeTransformer(discord.PCMAudio(io.BytesIO(bytes(3840 * 500))), volume=0.5)
+        vc.play(pcm, after=after)
+        vc.pause()
+        assert vc.is_paused() and not vc.is_playing()
+        vc.resume()
+        assert vc.is_playing()
+        swapped = discord.PCMAudio(io.BytesIO(bytes(3840 * 500)))
+        vc.source = swapped
+        assert vc.source is swapped
+        vc.stop()
+        assert not vc.is_playing() and vc.source is None
+        await wait_until(lambda: len(afters) == 2)
+        assert afters[1] == (None, True)
+
+        # A source that fails: after gets its own exception; after may chain the next play() from its thread.
+        chained = _OpusFrames(frames[:5])
+        vc.play(
+            _OpusFrames(frames[:5], fail=ValueError("broken")), after=lambda e: (after(e), vc.play(chained))
+        )
+        await wait_until(lambda: len(afters) == 3 and chained.cleaned == 1)
+        assert isinstance(afters[2][0], ValueError) and str(afters[2][0]) == "broken"
+        with pytest.raises(TypeError):
+            vc.play(b"not a source")  # type: ignore[arg-type]
+
+        # Disconnecting while playing ends the source: after(None), once.
+        vc.play(discord.PCMAudio(io.BytesIO(bytes(3840 * 500))), after=after)
+        await vc.disconnect()
+        await wait_until(lambda: len(afters) == 4)
+        await asyncio.sleep(0.1)
+        assert afters[3] == (None, True) and len(afters) == 4
+        with pytest.raises(discord.ClientException):
+            vc.play(_OpusFrames(frames))
         await voice.close()
