@@ -106,7 +106,7 @@ async def emulator_process() -> AsyncIterator[EmulatorProcess]:
 # ---- a discord.py bot against the emulator -------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def _running_discordpy_bot(
-    emu: Emulator, token: str, **client_kwargs: Any
+    emu: Emulator, token: str, *, reconnect: bool = False, **client_kwargs: Any
 ) -> AsyncIterator[discord.Client]:
     import discord  # noqa: PLC0415 - only the discord.py tests pay for importing it
 
@@ -118,7 +118,7 @@ async def _running_discordpy_bot(
     client = discord.Client(intents=intents, guild_ready_timeout=0.1, **client_kwargs)
     with discordpy_pointed_at(emu):
         await client.login(token)
-        runner = asyncio.create_task(client.connect(reconnect=False))
+        runner = asyncio.create_task(client.connect(reconnect=reconnect))
         try:
             async with asyncio.timeout(10):
                 await client.wait_until_ready()
@@ -133,6 +133,7 @@ async def _running_discordpy_bot(
 def discordpy_bot() -> Callable[..., contextlib.AbstractAsyncContextManager[discord.Client]]:
     """``async with discordpy_bot(emu, token, **client_kwargs) as client``: a discord.py 2.x bot (guilds
     and voice-state intents) logged in to ``emu`` and ready, closed when the block ends.
+    ``reconnect=True`` lets it resume or identify again after its gateway drops.
 
     ``client_kwargs`` go to ``discord.Client``; pass ``connector=discordpy_connector(emu)`` for TLS.
     """

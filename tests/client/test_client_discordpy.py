@@ -101,12 +101,14 @@ class DpyGuild:
 
 
 @contextlib.asynccontextmanager
-async def dpy_guild(discordpy_bot: DiscordpyBot, *channels: str) -> AsyncIterator[DpyGuild]:
+async def dpy_guild(
+    discordpy_bot: DiscordpyBot, *channels: str, reconnect: bool = False
+) -> AsyncIterator[DpyGuild]:
     async with Emulator(tls=False, rate_limit=None) as emu:
         bot = emu.create_bot("discordpy-bot")
         guild_info = emu.create_guild("dpy guild", members=[bot.user_id])
         channel_ids = [emu.create_voice_channel(guild_info.id, name).id for name in channels or ("Music",)]
-        async with discordpy_bot(emu, bot.token) as client:
+        async with discordpy_bot(emu, bot.token, reconnect=reconnect) as client:
             guild = client.get_guild(guild_info.id)
             assert guild is not None
             yield DpyGuild(emu, bot.user_id, guild_info.id, client, guild, channel_ids)
@@ -290,4 +292,33 @@ async def test_client_discordpy_plays_discordpy_audio_sources(discordpy_bot: Dis
         assert afters[3] == (None, True) and len(afters) == 4
         with pytest.raises(discord.ClientException):
             vc.play(_OpusFrames(frames))
+        await voice.close()
+
+
+async def test_client_discordpy_gateway_resume_keeps_voice_reidentify_ends_it(
+    discordpy_bot: DiscordpyBot,
+) -> None:
+    # As docs/adapters.md says: discord.py's resume keeps the voice session; a re-identify (discord.py then
+    # forgets its voice clients) ends it as a kick does, and the bot connects again.
+    async with dpy_guild(discordpy_bot, reconnect=True) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        session = vc.session
+        ws = world.client.ws
+        first = ws.session_id
+        await world.emu.main_gateway.drop(user_id=world.bot_id, code=4000)
+        await wait_until(lambda: world.client.ws is not ws and world.client.ws.session_id == first, within=10)
+        await asyncio.sleep(0.5)
+        assert session.state is SessionState.READY and world.guild.voice_client is vc
+
+        ended = asyncio.ensure_future(session.wait_for(DisconnectedEvent, timeout=10))
+        world.emu.main_gateway.invalidate_session(first)
+        await ended
+        await wait_until(lambda: world.client.is_ready() and world.client.ws.session_id not in (first, None))
+        guild = world.client.get_guild(world.guild_id)
+        assert guild is not None and guild.voice_client is None and not vc.is_connected()
+        channel = guild.get_channel(world.channel_ids[0])
+        assert isinstance(channel, discord.VoiceChannel)
+        vc2 = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        assert vc2.session.state is SessionState.READY and guild.voice_client is vc2
         await voice.close()
