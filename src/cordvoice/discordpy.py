@@ -74,6 +74,14 @@ class DiscordPyAdapter:
         guild = self._client.get_guild(guild_id)
         if guild is None:
             raise GatewayError(f"discord.py does not know guild {guild_id}")
+        if channel_id is not None and not self._has_voice_client(guild):
+            # discord.py hands the answers (VOICE_STATE_UPDATE, VOICE_SERVER_UPDATE) only to the voice client
+            # it registered for the guild: without one the join would wait out its timeout in the channel.
+            raise GatewayError(
+                f"discord.py has no cordvoice voice client for guild {guild_id} to pass the join's answer "
+                "to: join with `await channel.connect(cls=cordvoice.discordpy.VoiceClient)`, not "
+                "Voice.join_channel"
+            )
         channel = None if channel_id is None else discord.Object(id=channel_id)
         try:
             await guild.change_voice_state(channel=channel, self_mute=self_mute, self_deaf=self_deaf)
@@ -82,6 +90,11 @@ class DiscordPyAdapter:
 
     def set_listener(self, listener: VoiceEventListener | None) -> None:
         self._listener = listener
+
+    def _has_voice_client(self, guild: discord.Guild) -> bool:
+        """Whether discord.py forwards this guild's voice events to one of this adapter's voice clients."""
+        voice_client = guild.voice_client
+        return isinstance(voice_client, VoiceClient) and voice_client._adapter is self
 
     def feed_voice_state(self, data: Any) -> None:
         """A raw VOICE_STATE_UPDATE payload from discord.py."""

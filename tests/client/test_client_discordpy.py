@@ -18,7 +18,7 @@ import discord
 import pytest
 
 import cordvoice.discordpy
-from cordvoice import DaveRequiredError, DisconnectedEvent, SessionState, Voice, VoiceError
+from cordvoice import DaveRequiredError, DisconnectedEvent, GatewayError, SessionState, Voice, VoiceError
 from cordvoice.emulator import Emulator
 from cordvoice.emulator.for_discordpy import discordpy_connector
 from cordvoice.udp.rtp import OPUS_SILENCE
@@ -321,4 +321,21 @@ async def test_client_discordpy_gateway_resume_keeps_voice_reidentify_ends_it(
         assert isinstance(channel, discord.VoiceChannel)
         vc2 = await channel.connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
         assert vc2.session.state is SessionState.READY and guild.voice_client is vc2
+        await voice.close()
+
+
+async def test_client_discordpy_voice_join_channel_without_a_voice_client_fails_at_once(
+    discordpy_bot: DiscordpyBot,
+) -> None:
+    # discord.py passes voice events only to a registered voice client: a bare Voice.join_channel would sit in
+    # the channel for 30 s and then blame the channel. It fails at once, saying how to join, without joining.
+    async with dpy_guild(discordpy_bot) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        async with asyncio.timeout(2):
+            with pytest.raises(GatewayError, match=r"channel\.connect"):
+                await voice.join_channel(world.guild_id, world.channel_ids[0])
+        assert world.voice_state_channel() is None and voice.session(world.guild_id) is None
+
+        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        assert await voice.join_channel(world.guild_id, world.channel_ids[0]) is vc.session
         await voice.close()
