@@ -341,6 +341,12 @@ class VoiceClient(discord.VoiceProtocol):
             channel = self.guild.get_channel(int(channel_id))
             if channel is not None:
                 self.channel = channel
+            # A bot (un)deafens itself with guild.change_voice_state(): like discord.py's voice client,
+            # rejoins and moves keep the flags its voice state has now, not those connect() was given.
+            self._self_mute, self._self_deaf = data.get("self_mute") is True, data.get("self_deaf") is True
+            session = self._session
+            if session is not None and self._owns_guild_session():
+                session._voice_flags = (self._self_mute, self._self_deaf)
 
     async def on_voice_server_update(self, data: Any, /) -> None:
         self._adapter.feed_voice_server(data)

@@ -18,7 +18,15 @@ import discord
 import pytest
 
 import cordvoice.discordpy
-from cordvoice import DaveRequiredError, DisconnectedEvent, GatewayError, SessionState, Voice, VoiceError
+from cordvoice import (
+    DaveRequiredError,
+    DisconnectedEvent,
+    GatewayError,
+    ReadyEvent,
+    SessionState,
+    Voice,
+    VoiceError,
+)
 from cordvoice.emulator import Emulator
 from cordvoice.emulator.for_discordpy import discordpy_connector
 from cordvoice.udp.rtp import OPUS_SILENCE
@@ -338,4 +346,34 @@ async def test_client_discordpy_voice_join_channel_without_a_voice_client_fails_
 
         vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
         assert await voice.join_channel(world.guild_id, world.channel_ids[0]) is vc.session
+        await voice.close()
+
+
+async def test_client_discordpy_rejoin_and_move_keep_flags_set_through_discordpy(
+    discordpy_bot: DiscordpyBot,
+) -> None:
+    # discord.py's way to deafen a connected bot is guild.change_voice_state(); like discord.py's own voice
+    # client, a rejoin or a move keeps the flags the bot's voice state has now, not those of connect().
+    async with dpy_guild(discordpy_bot, "Music", "Lounge") as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        session = vc.session
+
+        def flags() -> tuple[bool, bool] | None:
+            state = world.emu.state.voice_state(world.guild_id, world.bot_id)
+            return None if state is None else (state.self_mute, state.self_deaf)
+
+        await world.guild.change_voice_state(channel=world.channel(), self_mute=True, self_deaf=True)
+        await wait_until(lambda: flags() == (True, True))
+        await asyncio.sleep(0.1)  # discord.py hands the voice state to the voice client in a task
+
+        ready = asyncio.ensure_future(session.wait_for(ReadyEvent, timeout=10))
+        await world.emu.faults.close_client(
+            world.bot_id, 4006
+        )  # the voice session is gone: cordvoice rejoins
+        await ready
+        assert flags() == (True, True)
+
+        await vc.move_to(world.channel(1), timeout=10)
+        assert world.voice_state_channel() == world.channel_ids[1] and flags() == (True, True)
         await voice.close()
