@@ -12,7 +12,7 @@ VOICE_SERVER_UPDATE payloads, which it forwards to the bot's single :class:`~cor
     await vc.disconnect()
 
 ``vc.play``, ``is_playing``, ``is_paused``, ``pause``, ``resume``, ``stop`` and ``source`` take discord.py
-``AudioSource`` objects and behave as discord.py's (``after`` runs once, on a worker thread, with the
+``AudioSource`` objects and behave as discord.py's (``after`` runs once, on a thread of its own, with the
 source's exception or None); they play through the session's :class:`~cordvoice.audio.player.Player`.
 
 To choose the Voice's options (for example ``ssl`` for a local emulator), create it first with
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -219,7 +220,7 @@ class VoiceClient(discord.VoiceProtocol):
         after: Callable[[Exception | None], Any] | None = None,
         **encoder_options: Any,
     ) -> None:
-        """Play a discord.py ``AudioSource``; ``after(error)`` runs once on a worker thread when it ends.
+        """Play a discord.py ``AudioSource``; ``after(error)`` runs once, on a thread of its own, at the end.
 
         As in discord.py: ``ClientException`` when not connected or already playing, ``TypeError`` for
         anything but an ``AudioSource``. ``encoder_options`` (bitrate, fec, ...) are ignored: cordvoice's
@@ -258,9 +259,12 @@ class VoiceClient(discord.VoiceProtocol):
             if error is not None:
                 logger.error("guild %d: a discord.py source failed", self.guild.id, exc_info=error)
             return
-        # On a thread, as discord.py does: an after that blocks on run_coroutine_threadsafe(...).result()
-        # (discord.py's FAQ) must not block the event loop.
-        await asyncio.to_thread(self._run_after, after, error)
+        # On a thread of its own, as discord.py does: an after that blocks on run_coroutine_threadsafe(...)
+        # .result() (discord.py's FAQ) must not block the event loop, nor hold one of the default executor's
+        # few threads that the coroutine it waits for may need (run_in_executor(None, ...)).
+        threading.Thread(
+            target=self._run_after, args=(after, error), name="cordvoice-discordpy-after", daemon=True
+        ).start()
 
     def _run_after(self, after: Callable[[Exception | None], Any], error: Exception | None) -> None:
         try:

@@ -8,6 +8,7 @@ for the main gateway, and cordvoice's Voice gets the same CA for the voice gatew
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import threading
@@ -376,4 +377,31 @@ async def test_client_discordpy_rejoin_and_move_keep_flags_set_through_discordpy
 
         await vc.move_to(world.channel(1), timeout=10)
         assert world.voice_state_channel() == world.channel_ids[1] and flags() == (True, True)
+        await voice.close()
+
+
+async def test_client_discordpy_after_gets_its_own_thread(discordpy_bot: DiscordpyBot) -> None:
+    # discord.py's FAQ: after() blocks on run_coroutine_threadsafe(...).result(), and that coroutine often
+    # uses run_in_executor(None, ...) (e.g. to look up the next song). after() must not take one of the
+    # default executor's few threads, or a handful of guilds ending songs at once deadlock the bot.
+    async with dpy_guild(discordpy_bot) as world:
+        voice = Voice.from_discordpy(world.client, ssl=False)
+        listener = await world.emu.add_participant(world.channel_ids[0], name="listener")
+        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        await listener.wait_dave_ready()
+        await wait_until(lambda: vc.session.dave_ready)  # audio waits for the DAVE group
+        loop = asyncio.get_running_loop()
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # as if the others were busy
+        loop.set_default_executor(executor)
+        finished = threading.Event()
+
+        async def next_song() -> int:
+            return await loop.run_in_executor(None, lambda: 1)
+
+        def after(error: Exception | None) -> None:
+            asyncio.run_coroutine_threadsafe(next_song(), loop).result(timeout=3)
+            finished.set()
+
+        vc.play(_OpusFrames(opus_frames(3)), after=after)
+        await wait_until(finished.is_set)
         await voice.close()
