@@ -265,6 +265,7 @@ async def test_client_discordpy_plays_discordpy_audio_sources(discordpy_bot: Dis
         with pytest.raises(discord.ClientException):
             vc.play(_OpusFrames(frames))
         await wait_until(lambda: afters == [(None, True)])
+        await listener.wait_until(lambda: len(listener.payloads_from(world.bot_id)) >= len(frames))
         assert listener.payloads_from(world.bot_id) == list(frames)
         assert not vc.is_playing() and vc.source is None and opus.cleaned == 1
 
