@@ -106,6 +106,9 @@ _SERVER_UPDATE_GRACE = 0.25
 reusing the token."""
 _TICK_INTERVAL = 2.0
 """Seconds between the protocol core's ``tick`` calls on an established connection (DAVE stall recovery)."""
+_LEAVE_TIMEOUT = 150.0
+"""Bound on a leave's op 4. Discord allows 120 gateway payloads a minute, so a bot leaving many guilds at once
+(``Voice.close()``) queues its leaves behind a minute or two of joins; only a hung adapter should hit this."""
 
 
 class SessionState(enum.Enum):
@@ -1346,7 +1349,7 @@ class Session:
         self._lane.close()
         if leave_channel:
             try:
-                async with asyncio.timeout(5.0):
+                async with asyncio.timeout(_LEAVE_TIMEOUT):
                     await self._adapter.update_voice_state(self.guild_id, None)
             except (GatewayError, TimeoutError) as exc:
                 logger.info("guild %d: could not tell the gateway we left voice: %s", self.guild_id, exc)

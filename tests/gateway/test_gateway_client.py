@@ -423,6 +423,16 @@ async def test_concurrent_voice_state_updates_respect_the_send_limit(
     assert busiest <= limit, [round(t - arrivals[0], 3) for t in arrivals]
 
 
+async def test_a_voice_state_update_waits_for_the_send_limit_beyond_the_request_timeout(world: World) -> None:
+    # request_timeout bounds waiting for a connection; a queue behind the send limit is not "not connected"
+    # (it used to fail a burst of joins or leaves with "could not send ... not connected").
+    async with make_client(world, send_limit=(2, 2.0), request_timeout=0.5) as client:  # Identify took one
+        await client.update_voice_state(world.guild.id, world.channel.id)
+        async with asyncio.timeout(5):
+            await client.update_voice_state(world.guild.id, None)
+        assert client.stats.connects == 1
+
+
 def test_send_limit_is_validated() -> None:
     for bad in ((0, 60.0), (10, 0.0), (10, float("nan"))):
         with pytest.raises(InvalidArgumentError):

@@ -224,19 +224,32 @@ class Client:
                 "self_deaf": bool(self_deaf),
             },
         }
-        try:
-            async with asyncio.timeout(self._request_timeout):
-                while True:
-                    ws = await self._wait_ready()
-                    try:
-                        await self._send(ws, payload)
-                        return
-                    except ConnectionClosed:
-                        await asyncio.sleep(0.05)  # the reader notices the drop and clears readiness
-        except TimeoutError:
-            raise GatewayError(
-                f"could not send a voice state update within {self._request_timeout} s: not connected"
-            ) from None
+        message = json.dumps(payload, separators=(",", ":"))
+        while True:
+            try:
+                async with asyncio.timeout(self._request_timeout):
+                    await self._wait_ready()
+            except TimeoutError:
+                raise GatewayError(
+                    f"could not send a voice state update within {self._request_timeout} s: not connected"
+                ) from None
+            # The send limit's queue is not "not connected": a bot leaving or joining many guilds at once
+            # waits its turn (at most one period per ``limit`` payloads ahead) rather than failing.
+            if self._limiter is not None:
+                await self._limiter.acquire()
+            ws = self._ws
+            if ws is None or not self._ready.is_set():
+                continue  # the connection dropped while this waited for a slot
+            try:
+                async with asyncio.timeout(self._request_timeout):
+                    await ws.send(message)
+                return
+            except ConnectionClosed:
+                await asyncio.sleep(0.05)  # the reader notices the drop and clears readiness
+            except TimeoutError:
+                raise GatewayError(
+                    f"could not send a voice state update within {self._request_timeout} s"
+                ) from None
 
     # ---- public state ---------------------------------------------------------------------------------
 
