@@ -1023,17 +1023,20 @@ class Session:
         generation = self._server_gen
         state_generation = self._state_gen
         timeout = self.config.reconnect.rejoin_timeout
+        # Sent before the answer's deadline starts: every session rejoins at once when the main gateway loses
+        # its session, and beyond the gateway's send limit their op 4s queue for up to a minute. The adapter
+        # bounds its own wait (GatewayError when it cannot send).
+        if attempt >= 2:
+            # Leave and join again: Discord then always issues a new token.
+            self._expect_null_state += 1
+            await self._adapter.update_voice_state(self.guild_id, None)
+        await self._adapter.update_voice_state(
+            self.guild_id,
+            self._channel_id,
+            self_mute=self._voice_flags[0],
+            self_deaf=self._voice_flags[1],
+        )
         async with asyncio.timeout(timeout):
-            if attempt >= 2:
-                # Leave and join again: Discord then always issues a new token.
-                self._expect_null_state += 1
-                await self._adapter.update_voice_state(self.guild_id, None)
-            await self._adapter.update_voice_state(
-                self.guild_id,
-                self._channel_id,
-                self_mute=self._voice_flags[0],
-                self_deaf=self._voice_flags[1],
-            )
             while self._state_gen == state_generation and not self._have_credentials(generation):
                 if self._interrupt is _Interrupt.GATEWAY_LOST:
                     return False

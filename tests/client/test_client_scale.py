@@ -8,9 +8,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from cordvoice import Voice
+from cordvoice import ReadyEvent, SessionState, Voice
 from cordvoice.emulator import Bot, Channel, Emulator, Guild
 from cordvoice.gateway import Client
+from cordvoice.gateway.client import _SendLimiter
 
 from .conftest import FAST_RECONNECT
 
@@ -60,3 +61,21 @@ async def test_close_leaves_every_channel_when_the_leaves_wait_for_the_send_limi
             while world.in_voice():
                 await asyncio.sleep(0.01)
         assert world.client.stats.connects == 1, "no 4008 from the emulator's rate limit"
+
+
+async def test_every_session_rejoins_when_the_rejoins_wait_for_the_send_limit() -> None:
+    # After the main gateway loses its session, every voice session rejoins at once; beyond the send limit
+    # their op 4s queue (a bot in more than ~110 voice channels under Discord's 120/min). rejoin_timeout
+    # (3 s here) is for Discord's answer: it counted the queue, so the later sessions spent their rejoin
+    # budget waiting for a slot and ended, and a retry's leave could go out without its join.
+    async with many_guilds(4, send_limit=None) as world:
+        sessions = await asyncio.gather(*(world.voice.join_channel(g.id, c.id) for g, c in world.rooms))
+        world.client._limiter = _SendLimiter(1, 5.0)  # the new Identify, then one op 4 every 5 s
+        ready = [asyncio.ensure_future(s.wait_for(ReadyEvent, timeout=40.0)) for s in sessions]
+        gateway_session = world.client.session_id
+        assert gateway_session is not None
+        world.emu.main_gateway.invalidate_session(gateway_session, resumable=False)
+        await asyncio.gather(*ready)
+        assert all(session.state is SessionState.READY for session in sessions)
+        assert len(world.in_voice()) == 4
+        world.client._limiter = None  # the leaves on the way out need not wait 5 s each
