@@ -1002,7 +1002,8 @@ class Session:
                 await self._handle_pending_interrupt()  # the gateway session died with our op 4: again
                 return False
             except (TimeoutError, GatewayError) as exc:
-                end = ConnectionEnd(EndKind.NO_CREDENTIALS, reason=f"rejoin failed: {exc or 'no answer'}")
+                cause = str(exc) or "no answer"  # a TimeoutError has no message
+                end = ConnectionEnd(EndKind.NO_CREDENTIALS, reason=f"rejoin failed: {cause}")
             decision = self._policy.decide(end, self._loop.time())
             if decision.action is None:
                 assert decision.error is not None

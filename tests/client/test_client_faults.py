@@ -258,6 +258,22 @@ async def test_client_rejoins_when_the_gateway_session_is_lost(world: VoiceWorld
     assert session.state is SessionState.READY
 
 
+async def test_client_a_rejoin_nobody_answers_ends_saying_so(
+    world: VoiceWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await world.voice.close()
+    voice = world.make_voice(reconnect=replace(FAST_RECONNECT, max_rejoins=1, rejoin_timeout=0.3))
+    session = await voice.join_channel(world.guild.id, world.channel.id)
+    gateway_session = world.client.session_id
+    assert gateway_session is not None
+    monkeypatch.setattr(world.emu.main_gateway.hub, "request_voice_state", lambda *_: None)  # op 4 unanswered
+    world.emu.main_gateway.invalidate_session(gateway_session, resumable=False)
+    async with asyncio.timeout(15):
+        final = await session.wait_closed()
+    # The timeout's empty message left "rejoin failed: " with no cause.
+    assert "rejoin failed: no answer" in final.reason, final.reason
+
+
 async def test_client_gateway_session_lost_while_waiting_for_a_server_rejoins(world: VoiceWorld) -> None:
     emu = world.emu
     session = await world.voice.join_channel(world.guild.id, world.channel.id)
