@@ -174,3 +174,28 @@ def test_session_stats_carry_every_udp_counter() -> None:
     session_fields = {field.name for field in dataclasses.fields(SessionStats)}
     udp_counters = {field.name for field in dataclasses.fields(UdpStats)} - {"per_ssrc"}
     assert {f"udp_{name}" for name in udp_counters} <= session_fields
+
+
+async def test_client_udp_open_cancelled_midway_is_quiet(
+    peer: tuple[Peer, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A leave during a join cancels the open; its half-made transport closing is not an "unexpected" loss.
+    _, port = peer
+    caplog.set_level("WARNING", logger="cordvoice.udp.connection")
+
+    async def dial(host: str, remote_port: int) -> socket.socket:  # no resolver thread: cancel at each step
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    for yields in range(4):
+        opening = asyncio.ensure_future(UdpConnection.open("127.0.0.1", port, dial=dial))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        opening.cancel()
+        try:
+            udp = await opening
+        except asyncio.CancelledError:
+            continue
+        udp.close()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert "closed unexpectedly" not in caplog.text

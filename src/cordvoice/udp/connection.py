@@ -185,6 +185,9 @@ class UdpConnection:
                 sock.setblocking(False)
                 transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(connection), sock=sock)
             except BaseException:
+                # Cancelled (a leave during the join) after the transport was made: asyncio closes it, and
+                # that loss was asked for, not "unexpected".
+                connection._closing = True
                 sock.close()
                 raise
         except OSError as exc:
