@@ -311,6 +311,9 @@ class Session:
         self._closed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._leaving: asyncio.Task[None] | None = None
+        self._never_asked = False
+        """Set by Voice when the join's op 4 never went out: leaving then needs no op 4 (which could wait
+        for a minute behind the gateway's send limit)."""
         self._resumes = 0
         self._reconnects = 0
         self._moves = 0
@@ -671,7 +674,7 @@ class Session:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
-        await self._teardown(leave_channel=self._final is None)
+        await self._teardown(leave_channel=self._final is None and not self._never_asked)
         self._finish("left the voice channel", None, None)
 
     async def __aenter__(self) -> Self:

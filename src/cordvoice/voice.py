@@ -223,20 +223,28 @@ class Voice:
         )
         self._sessions[guild_id] = session
         session.start()
+        sent = False
         try:
             async with asyncio.timeout(wait):
                 await self._adapter.update_voice_state(
                     guild_id, channel_id, self_mute=self_mute, self_deaf=self_deaf
                 )
+                sent = True
                 await session.wait_ready()
         except TimeoutError:
+            session._never_asked = not sent
             await self._abandon(session)
             failure = session.last_failure
-            hint = (
-                f"every voice connection failed, the last one with: {failure}"
-                if failure is not None
-                else "check that the channel exists, is not full, and that the bot may connect to it"
-            )
+            if not sent:
+                # Discord was never asked: blaming the channel would send the user the wrong way.
+                hint = (
+                    "the join request (op 4) was not sent yet: the main gateway was not connected, or other "
+                    "joins and leaves filled its send limit (Discord allows 120 payloads a minute)"
+                )
+            elif failure is not None:
+                hint = f"every voice connection failed, the last one with: {failure}"
+            else:
+                hint = "check that the channel exists, is not full, and that the bot may connect to it"
             joining = f"joining voice channel {channel_id} in guild {guild_id}"
             raise JoinTimeoutError(f"{joining} took longer than {wait:.1f} s: {hint}") from None
         except BaseException:

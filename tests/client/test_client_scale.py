@@ -8,7 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from cordvoice import ReadyEvent, SessionState, Voice
+import pytest
+
+from cordvoice import JoinTimeoutError, ReadyEvent, SessionState, Voice
 from cordvoice.emulator import Bot, Channel, Emulator, Guild
 from cordvoice.gateway import Client
 from cordvoice.gateway.client import _SendLimiter
@@ -79,3 +81,18 @@ async def test_every_session_rejoins_when_the_rejoins_wait_for_the_send_limit() 
         assert all(session.state is SessionState.READY for session in sessions)
         assert len(world.in_voice()) == 4
         world.client._limiter = None  # the leaves on the way out need not wait 5 s each
+
+
+async def test_a_join_whose_op4_waits_for_the_send_limit_times_out_saying_so() -> None:
+    async with many_guilds(2, send_limit=(2, 30.0)) as world:  # Identify and the first join fill it
+        (first, first_channel), (second, second_channel) = world.rooms
+        await world.voice.join_channel(first.id, first_channel.id)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(JoinTimeoutError) as caught:
+            await world.voice.join_channel(second.id, second_channel.id, timeout=0.5)
+        # It used to blame the channel ("check that the channel exists, is not full..."), and then waited for
+        # a leave's turn in the queue (Discord was never asked to join: nothing to leave).
+        assert "was not sent yet" in str(caught.value), caught.value
+        assert asyncio.get_running_loop().time() - started < 3.0
+        assert world.in_voice() == [first.id]
+        world.client._limiter = None  # the leave on the way out need not wait
