@@ -28,7 +28,7 @@ from cordvoice import (
     Voice,
     VoiceError,
 )
-from cordvoice.emulator import Emulator
+from cordvoice.emulator import Emulator, Participant
 from cordvoice.emulator.for_discordpy import discordpy_connector
 from cordvoice.udp.rtp import OPUS_SILENCE
 
@@ -107,6 +107,15 @@ class DpyGuild:
     def voice_state_channel(self) -> int | None:
         state = self.emu.state.voice_state(self.guild_id, self.bot_id)
         return None if state is None else state.channel_id
+
+    async def connect_with_listener(self) -> tuple[Voice, Participant, cordvoice.discordpy.VoiceClient]:
+        """A cordvoice voice client in the first channel with a DAVE listener, ready to play to it."""
+        voice = Voice.from_discordpy(self.client, ssl=False)
+        listener = await self.emu.add_participant(self.channel_ids[0], name="listener")
+        vc = await self.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
+        await listener.wait_dave_ready()
+        await wait_until(lambda: vc.session.dave_ready)  # audio waits for the DAVE group
+        return voice, listener, vc
 
 
 @contextlib.asynccontextmanager
@@ -246,11 +255,7 @@ class _OpusFrames(discord.AudioSource):
 async def test_client_discordpy_plays_discordpy_audio_sources(discordpy_bot: DiscordpyBot) -> None:
     # A discord.py bot's vc.play(source, after=...) and the calls around it work as in discord.py.
     async with dpy_guild(discordpy_bot) as world:
-        voice = Voice.from_discordpy(world.client, ssl=False)
-        listener = await world.emu.add_participant(world.channel_ids[0], name="listener")
-        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-        await listener.wait_dave_ready()
-        await wait_until(lambda: vc.session.dave_ready)
+        voice, listener, vc = await world.connect_with_listener()
         loop_thread = threading.get_ident()
         afters: list[tuple[Exception | None, bool]] = []
 
@@ -386,11 +391,7 @@ async def test_client_discordpy_after_gets_its_own_thread(discordpy_bot: Discord
     # uses run_in_executor(None, ...) (e.g. to look up the next song). after() must not take one of the
     # default executor's few threads, or a handful of guilds ending songs at once deadlock the bot.
     async with dpy_guild(discordpy_bot) as world:
-        voice = Voice.from_discordpy(world.client, ssl=False)
-        listener = await world.emu.add_participant(world.channel_ids[0], name="listener")
-        vc = await world.channel().connect(cls=cordvoice.discordpy.VoiceClient, timeout=10)
-        await listener.wait_dave_ready()
-        await wait_until(lambda: vc.session.dave_ready)  # audio waits for the DAVE group
+        voice, _, vc = await world.connect_with_listener()
         loop = asyncio.get_running_loop()
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # as if the others were busy
         loop.set_default_executor(executor)
