@@ -24,11 +24,13 @@ from cordvoice.audio.clock import HEAVY_TICK, SLOT_CAPACITY, Clock, _spread_orde
 from cordvoice.audio.wake_timer import make_wake_timer
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import LoopingFrames, opus_frames
+from cordvoice.bench.join import _median_p95
 from cordvoice.bench.machine import CoreShare
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.profile import summarize
 from cordvoice.bench.send_cordvoice import percentiles
 from cordvoice.errors import InvalidArgumentError
+from cordvoice.metrics import Histogram
 from cordvoice.udp.connection import UdpConnection
 
 # ---- the clock -------------------------------------------------------------------------------------------
@@ -220,6 +222,14 @@ def test_core_share_counts_the_pinned_process_and_nothing_for_an_unpinned_one() 
 def test_percentiles_by_rank() -> None:
     assert percentiles([]) == {"p50": 0.0, "p95": 0.0, "max": 0.0}
     assert percentiles([float(x) for x in range(1, 101)]) == {"p50": 50.0, "p95": 95.0, "max": 100.0}
+    # Nearest rank is ceil(n * p / 100): round() halves to even put the median of five at the second.
+    assert percentiles([1.0, 2.0, 3.0, 4.0, 5.0])["p50"] == 3.0
+    assert _median_p95([float(x) for x in range(1, 31)])["p95"] == 29.0  # rank 28.5 -> 29
+    late = Histogram()
+    for index in range(150):  # two packets in 150 (1.3%) were late: the p99 must show it
+        late.record(40.0 if index < 2 else 0.1)
+    assert late.percentile(99) == 40.0
+    assert late.percentile(50) == 0.25
 
 
 def test_child_process_reports_a_failing_command() -> None:

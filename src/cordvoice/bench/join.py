@@ -25,6 +25,7 @@ from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, r
 from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.send_cordvoice import world_client
 from cordvoice.events import DaveEpochEvent
+from cordvoice.metrics import nearest_rank
 from cordvoice.voice import Voice
 
 __all__ = ["JoinWorker", "run_join"]
@@ -93,7 +94,7 @@ def _median_p95(values: list[float]) -> dict[str, float]:
     if not values:
         return {"median": 0.0, "p95": 0.0, "min": 0.0, "max": 0.0}
     ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+    p95 = ordered[min(len(ordered), nearest_rank(len(ordered), 95)) - 1]
     return {
         "median": round(statistics.median(ordered), 1),
         "p95": round(p95, 1),

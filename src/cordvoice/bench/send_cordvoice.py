@@ -24,7 +24,7 @@ from cordvoice.bench.frames import LoopingFrames, opus_frames
 from cordvoice.bench.gcwatch import GcWatch
 from cordvoice.bench.machine import CpuSnapshot, rss_bytes
 from cordvoice.gateway.client import Client
-from cordvoice.metrics import Histogram
+from cordvoice.metrics import Histogram, nearest_rank
 from cordvoice.session import Session, SessionStats
 from cordvoice.voice import Voice
 
@@ -38,7 +38,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
     def rank(p: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+        return ordered[min(len(ordered), nearest_rank(len(ordered), p)) - 1]
 
     return {"p50": round(rank(50), 3), "p95": round(rank(95), 3), "max": round(ordered[-1], 3)}
 
