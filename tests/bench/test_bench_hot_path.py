@@ -24,6 +24,7 @@ from cordvoice.audio.clock import HEAVY_TICK, SLOT_CAPACITY, Clock, _spread_orde
 from cordvoice.audio.wake_timer import make_wake_timer
 from cordvoice.bench.dave_group import DaveGroup
 from cordvoice.bench.frames import LoopingFrames, opus_frames
+from cordvoice.bench.host import window_stats
 from cordvoice.bench.join import _median_p95
 from cordvoice.bench.machine import CoreShare
 from cordvoice.bench.process import BenchError, ChildProcess
@@ -305,3 +306,20 @@ def test_clock_on_uvloop_wakes_once_per_tick() -> None:
     wakes, ticks = uvloop.run(scenario())
     assert ticks >= 20
     assert wakes <= ticks + 2, f"{wakes} wake-ups for {ticks} ticks: the clock spins"
+
+
+@pytest.mark.parametrize("stall", [0.19, 0.25, 0.5])
+def test_window_stats_count_a_stall_of_any_length(stall: float) -> None:
+    # A continuous stream stalls, then sends what it owes in a burst (discord.py's AudioPlayer catches up
+    # so): the first packet after the stall is late by the stall, however long it was.
+    stats = window_stats()
+    now, sequence = 0.0, 0
+    for _ in range(50):
+        stats.record(sequence, sequence * 960, 100, now)
+        now, sequence = now + 0.020, sequence + 1
+    burst = now - 0.020 + stall
+    for index in range(round(stall / 0.020)):
+        stats.record(sequence, sequence * 960, 100, burst + index * 1e-4)
+        sequence += 1
+    assert stats.lateness.max_ms >= (stall - 0.020) * 1000 - 1
+    assert stats.lost == 0

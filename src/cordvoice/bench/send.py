@@ -15,7 +15,8 @@ under test on the other (``os.sched_setaffinity``). Phases, for cordvoice and th
 ``cpu_us_per_packet`` is the process under test's CPU (user + system, all threads) divided by the packets it
 sent in the window. ``lateness_ms`` is measured where the packets arrive: for every stream, how late each
 packet reached the SFU against that stream's 20 ms grid (anchored at its earliest packet and advanced by the
-RTP timestamp), merged over every stream. ``packets_lost`` counts sequence numbers that never arrived.
+RTP timestamp; the streams never pause, so a gap in them counts as lateness), merged over every stream.
+``packets_lost`` counts sequence numbers that never arrived.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ reads through ``Emulator.inspect(user_id)``.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -37,7 +38,9 @@ class RtpStats:
       numbers were skipped in total. ``duplicates`` repeat the highest number; ``out_of_order`` are older.
     * ``timestamp_steps``: timestamp increments between consecutive in-order packets (960 for 20 ms Opus).
     * ``lateness``: milliseconds behind a 20 ms grid anchored at the earliest packet of each talk spurt and
-      advanced by the RTP timestamp, so a sender that paces well stays near 0.
+      advanced by the RTP timestamp, so a sender that paces well stays near 0. A silence of more than
+      ``spurt_gap`` seconds between two packets starts a new spurt; ``spurt_gap=None`` never does, for
+      streams that never pause (benchmarks), where such a gap is the sender stalling and must count.
     * ``jitter_ms``: RFC 3550 interarrival jitter.
     * ``undecryptable``: packets from this sender's address that failed transport authentication.
     """
@@ -46,6 +49,7 @@ class RtpStats:
         "_anchor",
         "_anchor_ts",
         "_last_transit",
+        "_spurt_gap",
         "bytes",
         "duplicates",
         "first_arrival",
@@ -62,7 +66,8 @@ class RtpStats:
         "undecryptable",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, spurt_gap: float | None = _SPURT_GAP) -> None:
+        self._spurt_gap = math.inf if spurt_gap is None else spurt_gap
         self.packets = 0
         self.bytes = 0
         self.undecryptable = 0
@@ -112,7 +117,7 @@ class RtpStats:
             steps["other"] += 1
         self.last_timestamp = timestamp
         transit = now - timestamp / _CLOCK_RATE
-        if now - self.last_arrival > _SPURT_GAP:
+        if now - self.last_arrival > self._spurt_gap:
             self._anchor = now
             self._anchor_ts = timestamp
         else:
