@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import socket
 import sys
 import time
@@ -323,3 +324,19 @@ def test_window_stats_count_a_stall_of_any_length(stall: float) -> None:
         sequence += 1
     assert stats.lateness.max_ms >= (stall - 0.020) * 1000 - 1
     assert stats.lost == 0
+
+
+def test_child_process_stops_quietly_on_ctrl_c(capfd: pytest.CaptureFixture[str]) -> None:
+    # A terminal's Ctrl-C reaches the children too; the parent says what happened, the children stay quiet.
+    child = ChildProcess("cordvoice.bench.frames:LoopingFrames", name="frames", options={"frames": (b"x",)})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a child inherits an ignored SIGINT
+    try:
+        child.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    process = child._process
+    assert process is not None
+    os.kill(child.info["pid"], signal.SIGINT)
+    child.close()
+    assert process.exitcode is not None
+    assert "Traceback" not in capfd.readouterr().err

@@ -153,8 +153,13 @@ def _child_main(  # noqa: PLR0917 - multiprocessing passes the target's argument
         import uvloop  # noqa: PLC0415 - optional dependency
 
         loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(conn, factory, core, options))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(conn, factory, core, options))
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every process of the terminal's group: the parent reports it (exit 130) and closes
+        # its children; a traceback from each child would only bury that.
+        pass
     conn.close()
 
 
