@@ -130,10 +130,12 @@ def test_bench_command_line_prints_json(capsys: pytest.CaptureFixture[str]) -> N
 def test_bench_command_line_summary_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "join", "--members", "2,x"]) == 1
     assert "--members" in capsys.readouterr().err
-    assert cli.main(["bench", "send", "--sessions", "0"]) == 1
-    assert "--sessions" in capsys.readouterr().err
     with pytest.raises(BenchError, match="--sfu-reads"):
         run_send(sessions=1, seconds=1.0, sfu_reads="sometimes")
+    with pytest.raises(BenchError, match="--slot-capacity"):
+        run_send(sessions=1, seconds=1.0, slot_capacity=-1)
+    with pytest.raises(BenchError, match="--senders"):
+        run_receive(users=1, seconds=1.0, senders=0)
 
 
 @pytest.mark.parametrize(
@@ -143,6 +145,13 @@ def test_bench_command_line_summary_and_bad_arguments(capsys: pytest.CaptureFixt
         (["memory", "--sessions", "1", "--seconds", "-1"], "--seconds: must be a positive number of seconds"),
         (["send", "--sessions", "1", "--seconds", "0.1", "--warmup", "-1"], "--warmup: must be 0 or more"),
         (["encode", "--streams", "1", "--seconds", "0.1", "--bitrate", "0"], "--bitrate: must be 6000 to"),
+        (["send", "--sessions", "0"], "--sessions: must be at least 1"),
+        (["send", "--sessions", "1", "--slot-capacity", "-1"], "--slot-capacity: must be 0 (spread evenly)"),
+        (["receive", "--users", "-2"], "--users: must be at least 1"),
+        (["receive", "--users", "4", "--senders", "0"], "--senders: must be at least 1"),
+        (["encode", "--streams", "x"], "--streams: 'x' is not a whole number"),
+        (["join", "--runs", "0"], "--runs: must be at least 1"),
+        (["memory", "--sessions", "-1"], "--sessions: must be at least 1"),
     ],
 )
 def test_bench_refuses_impossible_numbers(

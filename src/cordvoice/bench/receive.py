@@ -367,6 +367,8 @@ def run_receive(
         raise BenchError("--users must be at least 1")
     if seconds <= 0:
         raise BenchError("--seconds must be positive")
+    if senders < 1:
+        raise BenchError("--senders must be at least 1")
     placement = plan_placement()
     machine = machine_info()  # before pinning: it reports the usable cores
     pin_to_core(placement.emulator_core)

@@ -73,6 +73,8 @@ def run_send(
         raise BenchError("--sessions must be at least 1")
     if seconds <= 0:
         raise BenchError("--seconds must be positive")
+    if slot_capacity is not None and slot_capacity < 0:
+        raise BenchError("--slot-capacity must be 0 (spread evenly) or more")
     if mode not in ("aes", "xchacha"):
         raise BenchError("--mode must be aes or xchacha")
     if sfu_reads not in ("timer", "wakeup"):

@@ -27,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
 
     send = subparsers.add_parser("send", help="N sessions streaming Opus passthrough to the emulator")
-    send.add_argument("--sessions", type=int, default=100, help="concurrent voice sessions (default 100)")
+    send.add_argument("--sessions", type=_count, default=100, help="concurrent voice sessions (default 100)")
     send.add_argument("--seconds", type=_seconds, default=10.0, help="measurement window (default 10)")
     send.add_argument("--dave", action=argparse.BooleanOptionalAction, default=True, help="DAVE channels")
     send.add_argument("--mode", choices=("aes", "xchacha"), default="aes", help="transport encryption")
@@ -38,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     send.add_argument(
         "--slot-capacity",
-        type=int,
+        type=_capacity,
         metavar="N",
         help="passthrough streams per slot of the shared clock (default: the library's; 0 spreads evenly)",
     )
@@ -52,10 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     send.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
 
     receive = subparsers.add_parser("receive", help="per-packet cost of receiving N speaking users")
-    receive.add_argument("--users", type=int, default=200, help="users speaking at once (default 200)")
+    receive.add_argument("--users", type=_count, default=200, help="users speaking at once (default 200)")
     receive.add_argument("--seconds", type=_seconds, default=10.0, help="audio per measurement (default 10)")
     receive.add_argument(
-        "--senders", type=int, default=16, help="real DAVE group members sending (default 16)"
+        "--senders", type=_count, default=16, help="real DAVE group members sending (default 16)"
     )
     receive.add_argument(
         "--no-gc-freeze",
@@ -66,7 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     receive.add_argument("--profile", type=Path, metavar="DIR", help="record py-spy profiles into DIR")
 
     encode = subparsers.add_parser("encode", help="streams per core encoding from PCM and from MP3")
-    encode.add_argument("--streams", type=int, default=40, help="players running at once (default 40)")
+    encode.add_argument("--streams", type=_count, default=40, help="players running at once (default 40)")
     encode.add_argument("--seconds", type=_seconds, default=10.0, help="measurement window (default 10)")
     encode.add_argument(
         "--bitrate", type=_bitrate, default=96_000, help="Opus bitrate in bit/s (default 96000)"
@@ -75,11 +75,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     join = subparsers.add_parser("join", help="join_channel to the first heard frame, with DAVE")
     join.add_argument("--members", default="2,10", help="channel sizes, bot included (default 2,10)")
-    join.add_argument("--runs", type=int, default=10, help="runs per size (default 10)")
+    join.add_argument("--runs", type=_count, default=10, help="runs per size (default 10)")
     join.add_argument("--uvloop", action="store_true", help="run the bot on uvloop")
 
     memory = subparsers.add_parser("memory", help="RSS per idle and per playing session")
-    memory.add_argument("--sessions", type=int, default=200, help="sessions (default 200)")
+    memory.add_argument("--sessions", type=_count, default=200, help="sessions (default 200)")
     memory.add_argument("--seconds", type=_seconds, default=5.0, help="seconds of playing (default 5)")
     memory.add_argument("--dave", action=argparse.BooleanOptionalAction, default=True, help="DAVE channels")
     memory.add_argument("--uvloop", action="store_true", help="run the bot on uvloop")
@@ -93,6 +93,27 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _count(text: str) -> int:
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _capacity(text: str) -> int:
+    value = _whole(text)
+    if value < 0:  # the clock refuses it only in its constructor; the bench sets it afterwards
+        raise argparse.ArgumentTypeError("must be 0 (spread evenly) or more")
+    return value
 
 
 def _seconds(text: str) -> float:
