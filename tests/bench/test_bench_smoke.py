@@ -174,6 +174,16 @@ def test_bench_join_needs_a_channel_size_and_profiles_a_folder(
     assert "cordvoice bench: cannot create the --profile folder" in capsys.readouterr().err
 
 
+def test_bench_profile_without_py_spy_is_refused_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cordvoice.bench.profile._py_spy", lambda: None)
+    argv = ["bench", "encode", "--streams", "1", "--seconds", "0.1", "--profile", str(tmp_path / "p")]
+    assert cli.main(argv) == 1
+    assert "--profile needs py-spy" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_bench_receive() -> None:
     report = run_receive(users=4, seconds=0.5, senders=2)
     assert report["traffic"]["users"] == 4 and report["traffic"]["senders"] == 2

@@ -154,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
 def _dispatch(args: argparse.Namespace, level: int) -> dict[str, Any]:
     profile: Path | None = getattr(args, "profile", None)
     if profile is not None:
+        from cordvoice.bench.profile import py_spy_available  # noqa: PLC0415
+
+        if not py_spy_available():  # checked now: the runs would find out after their set-up, mid-benchmark
+            raise InvalidArgumentError("--profile needs py-spy, which is not installed (pip install py-spy)")
         try:
             profile.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
