@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,36 @@ def test_bench_profile_without_py_spy_is_refused_before_running(
     assert cli.main(argv) == 1
     assert "--profile needs py-spy" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing", "message"),
+    [
+        (["send", "--peer", "discordpy"], "discord", "--peer discordpy needs discord.py"),
+        (["memory", "--uvloop"], "uvloop", "--uvloop needs uvloop"),
+    ],
+)
+def test_bench_optional_dependency_missing_is_refused_before_running(
+    argv: list[str], missing: str, message: str, tmp_path: Path
+) -> None:
+    # A package of that name that cannot be imported, ahead of the real one on every process's path.
+    shadow = tmp_path / "shadow" / missing
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(f"raise ImportError('No module named {missing}')\n")
+    path = os.pathsep.join([str(shadow.parent), *sys.path])
+    command = [sys.executable, "-m", "cordvoice", "bench", *argv, "--sessions", "1", "--seconds", "0.2"]
+    done = subprocess.run(
+        command,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
 
 
 def test_bench_receive() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from cordvoice.bench.frames import LoopingFrames, opus_frames
 from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity
-from cordvoice.bench.process import BenchError, ChildProcess
+from cordvoice.bench.process import BenchError, ChildProcess, require
 from cordvoice.bench.send_cordvoice import world_client
 from cordvoice.events import DaveEpochEvent
 from cordvoice.metrics import nearest_rank
@@ -116,6 +116,8 @@ def run_join(
         raise BenchError("--runs must be at least 1")
     if any(m < 2 for m in members):
         raise BenchError("a channel needs at least 2 members (the bot and one listener)")
+    if uvloop:
+        require("uvloop", option="--uvloop", package="uvloop")
     placement = plan_placement()
     machine = machine_info()  # before pinning: it reports the usable cores
     pin_to_core(placement.emulator_core)

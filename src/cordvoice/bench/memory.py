@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from cordvoice.bench.machine import machine_info, pin_to_core, plan_placement, restores_affinity, rss_bytes
-from cordvoice.bench.process import BenchError, ChildProcess
+from cordvoice.bench.process import BenchError, ChildProcess, require
 from cordvoice.bench.send_cordvoice import CordvoiceSender
 
 __all__ = ["MemoryWorker", "run_memory"]
@@ -47,6 +47,8 @@ def run_memory(
     """Run the memory benchmark; returns its JSON-ready report."""
     if sessions < 1:
         raise BenchError("--sessions must be at least 1")
+    if uvloop:
+        require("uvloop", option="--uvloop", package="uvloop")
     placement = plan_placement()
     machine = machine_info()  # before pinning: it reports the usable cores
     pin_to_core(placement.emulator_core)

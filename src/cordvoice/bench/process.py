@@ -27,7 +27,7 @@ from typing import Any, Self
 from cordvoice.bench.machine import pin_to_core
 from cordvoice.errors import VoiceError
 
-__all__ = ["BenchError", "ChildProcess"]
+__all__ = ["BenchError", "ChildProcess", "require"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,20 @@ _CLOSE = "close"
 
 class BenchError(VoiceError):
     """A benchmark could not run (a child failed, a setup step timed out); the message says where."""
+
+
+def require(module: str, *, option: str, package: str) -> None:
+    """Import an optional dependency that ``option`` needs, here and now, before any child process starts.
+
+    Otherwise the child that needs it fails only once the run is under way (after the cordvoice half of a
+    ``--peer`` run), with its traceback for a message.
+    """
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise BenchError(
+            f"{option} needs {package}, which is not installed (pip install {package})"
+        ) from None
 
 
 class ChildProcess:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cordvoice.bench.machine import CoreShare, machine_info, pin_to_core, plan_placement, restores_affinity
-from cordvoice.bench.process import BenchError, ChildProcess
+from cordvoice.bench.process import BenchError, ChildProcess, require
 from cordvoice.bench.profile import SpyRecording, summarize
 
 __all__ = ["PEERS", "run_send"]
@@ -81,6 +81,10 @@ def run_send(
         raise BenchError("--sfu-reads must be timer or wakeup")
     if peer is not None and peer not in PEERS:
         raise BenchError(f"unknown peer {peer!r}; known: {sorted(PEERS)}")
+    if peer == "discordpy":
+        require("discord", option="--peer discordpy", package="discord.py")
+    if uvloop:
+        require("uvloop", option="--uvloop", package="uvloop")
     placement = plan_placement()
     machine = machine_info()  # before pinning: it reports the usable cores
     pin_to_core(placement.emulator_core)  # this process only waits; keep it off the measured core
