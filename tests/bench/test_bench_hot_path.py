@@ -326,6 +326,16 @@ def test_window_stats_count_a_stall_of_any_length(stall: float) -> None:
     assert stats.lost == 0
 
 
+def test_child_process_that_does_not_start_in_time_is_stopped() -> None:
+    child = ChildProcess("cordvoice.bench.frames:LoopingFrames", name="frames", options={"frames": (b"x",)})
+    with pytest.raises(BenchError, match="did not answer 'start'"):
+        child.start(timeout=0.001)  # the spawned interpreter is still importing
+    process = child._process
+    assert process is None or not process.is_alive()
+    with pytest.raises(BenchError, match="not running"):
+        child.call("nothing")
+
+
 def test_child_process_stops_quietly_on_ctrl_c(capfd: pytest.CaptureFixture[str]) -> None:
     # A terminal's Ctrl-C reaches the children too; the parent says what happened, the children stay quiet.
     child = ChildProcess("cordvoice.bench.frames:LoopingFrames", name="frames", options={"frames": (b"x",)})

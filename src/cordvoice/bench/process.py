@@ -89,7 +89,13 @@ class ChildProcess:
         process.start()
         child_end.close()
         self._conn, self._process = parent_end, process
-        self.info = self._receive(timeout, "start")
+        try:
+            self.info = self._receive(timeout, "start")
+        except BaseException:
+            # No ``with`` block will close a child that never started: one still building its handler would
+            # otherwise live on beside the caller, waiting for commands that never come.
+            self.close(timeout=1.0)
+            raise
 
     def call(self, command: str, *, timeout: float = 300.0, **kwargs: Any) -> Any:
         """Run ``cmd_<command>(**kwargs)`` in the child and return its result."""
