@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import socket
 import sys
 import time
@@ -334,19 +333,3 @@ def test_child_process_that_does_not_start_in_time_is_stopped() -> None:
     assert process is None or not process.is_alive()
     with pytest.raises(BenchError, match="not running"):
         child.call("nothing")
-
-
-def test_child_process_stops_quietly_on_ctrl_c(capfd: pytest.CaptureFixture[str]) -> None:
-    # A terminal's Ctrl-C reaches the children too; the parent says what happened, the children stay quiet.
-    child = ChildProcess("cordvoice.bench.frames:LoopingFrames", name="frames", options={"frames": (b"x",)})
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a child inherits an ignored SIGINT
-    try:
-        child.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    process = child._process
-    assert process is not None
-    os.kill(child.info["pid"], signal.SIGINT)
-    child.close()
-    assert process.exitcode is not None
-    assert "Traceback" not in capfd.readouterr().err

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from cordvoice import cli
 from cordvoice.bench.encode import run_encode
 from cordvoice.bench.join import run_join
 from cordvoice.bench.memory import run_memory
-from cordvoice.bench.process import BenchError
+from cordvoice.bench.process import BenchError, ChildProcess
 from cordvoice.bench.receive import run_receive
 from cordvoice.bench.send import run_send
 
@@ -238,3 +240,42 @@ def test_bench_receive() -> None:
         assert result["consumer_dropped_in_window"] <= result["consumer_dropped"]
     assert report["gc_freeze"] is True
     assert report["pcm"]["frames_with_pcm"] > 0
+
+
+def start_as_from_a_terminal(child: ChildProcess) -> None:
+    """Start ``child`` with Ctrl-C's default handling (a child inherits a SIGINT its runner ignores)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        child.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupt(child: ChildProcess) -> int | None:
+    """Ctrl-C in ``child``, then close it as the parent does on its own KeyboardInterrupt; its exit code."""
+    process = child._process
+    assert process is not None
+    os.kill(child.info["pid"], signal.SIGINT)
+    child.close()
+    return process.exitcode
+
+
+def test_child_process_stops_quietly_on_ctrl_c(capfd: pytest.CaptureFixture[str]) -> None:
+    # A terminal's Ctrl-C reaches the children too; the parent says what happened, the children stay quiet.
+    child = ChildProcess("cordvoice.bench.frames:LoopingFrames", name="frames", options={"frames": (b"x",)})
+    start_as_from_a_terminal(child)
+    assert interrupt(child) is not None
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_emulator_host_removes_its_tls_files_on_ctrl_c() -> None:
+    host = ChildProcess("cordvoice.bench.host:EmulatorHost", name="emulator", options={"tls": True})
+    start_as_from_a_terminal(host)
+    folder = Path(host.call("world", guilds=0, dave=True)["ca_file"]).parent
+    try:
+        assert folder.exists()
+        assert interrupt(host) is not None
+        assert not folder.exists(), "the emulator's private key stayed in the temporary folder"
+    finally:
+        host.close()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -32,6 +32,8 @@ __all__ = ["BenchError", "ChildProcess", "require"]
 logger = logging.getLogger(__name__)
 
 _CLOSE = "close"
+_CLEAN_UP_BOUND = 5.0
+"""Seconds a child gives its handler's ``close`` when it stops unasked (Ctrl-C, its parent gone)."""
 
 
 class BenchError(VoiceError):
@@ -198,29 +200,42 @@ async def _serve(
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", {"pid": os.getpid(), "loop": type(loop).__module__, "core": core}))
-    while True:
-        try:
-            command, kwargs = await loop.run_in_executor(None, conn.recv)
-        except (EOFError, OSError):
-            command, kwargs = _CLOSE, {}
-        if command == _CLOSE:
-            closer = getattr(handler, "close", None)
+    closed = False
+    try:
+        while True:
             try:
-                if closer is not None:
-                    await closer()
-                conn.send(("ok", None))
+                command, kwargs = await loop.run_in_executor(None, conn.recv)
+            except (EOFError, OSError):
+                command, kwargs = _CLOSE, {}
+            if command == _CLOSE:
+                closed = True
+                closer = getattr(handler, "close", None)
+                try:
+                    if closer is not None:
+                        await closer()
+                    conn.send(("ok", None))
+                except Exception:
+                    with contextlib.suppress(OSError, ValueError):
+                        conn.send(("error", traceback.format_exc()))
+                return
+            try:
+                method = getattr(handler, f"cmd_{command}")
+                result = await method(**kwargs)
             except Exception:
-                with contextlib.suppress(OSError, ValueError):
-                    conn.send(("error", traceback.format_exc()))
-            return
-        try:
-            method = getattr(handler, f"cmd_{command}")
-            result = await method(**kwargs)
-        except Exception:
-            reply: tuple[str, Any] = ("error", traceback.format_exc())
-        else:
-            reply = ("ok", result)
-        try:
-            conn.send(reply)
-        except (OSError, ValueError):
-            return
+                reply: tuple[str, Any] = ("error", traceback.format_exc())
+            else:
+                reply = ("ok", result)
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):
+                return
+    finally:
+        if not closed:
+            # Ctrl-C cancelled this task, or the parent went away mid-command: still release what the handler
+            # holds (the emulator's TLS key files in the temporary folder, the bot's voice sessions), within a
+            # bound: a bot whose emulator is already gone may wait for a gateway that never comes back.
+            closer = getattr(handler, "close", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_CLEAN_UP_BOUND):
+                        await closer()
