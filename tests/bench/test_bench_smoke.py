@@ -7,11 +7,13 @@ docs/benchmarks.md, measured on a quiet machine, not for CI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ from cordvoice.bench.encode import run_encode
 from cordvoice.bench.join import run_join
 from cordvoice.bench.memory import run_memory
 from cordvoice.bench.process import BenchError, ChildProcess
-from cordvoice.bench.receive import run_receive
+from cordvoice.bench.receive import ReceiveWorker, run_receive
 from cordvoice.bench.send import run_send
 
 MACHINE_KEYS = {"date", "cpu", "nproc", "kernel", "python", "packages", "load_average"}
@@ -279,3 +281,22 @@ def test_emulator_host_removes_its_tls_files_on_ctrl_c() -> None:
     finally:
         host.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_receive_counts_only_the_packets_processed_inside_its_cpu_window() -> None:
+    # Every packet queued before the receiver wakes is read in its first wake-up, before the CPU window
+    # opens: nothing is left to measure, and the report must not claim one packet.
+    worker = ReceiveWorker(users=2, seconds=0.1, senders=1, gc_freeze=False)
+    blaster = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        blaster.bind(("127.0.0.1", 0))
+        port = await worker.cmd_listen(blaster_port=blaster.getsockname()[1])
+        receiving = asyncio.create_task(worker.cmd_receive(pcm=False, seconds=1.0, receiver_index=3))
+        await asyncio.sleep(0.05)
+        for packet in worker.traffic.packets:
+            blaster.sendto(packet, ("127.0.0.1", port))
+        result = await receiving
+    finally:
+        blaster.close()
+        await worker.close()
+    assert result["packets"] == 0

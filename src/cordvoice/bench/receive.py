@@ -275,7 +275,7 @@ class ReceiveWorker:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
-        packets = last - first + 1  # the first packet's own processing precedes the CPU snapshot
+        packets = last - first  # the packets read before the CPU snapshot are outside its window
         cpu = end.since(begin)
         # The window ends up to 0.2 s after the last packet: that idle time is in the CPU figure too.
         user_stats = receiver.all_stats().values()
