@@ -11,7 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from cordvoice.audio.opus import OPUS_SILENCE
+from cordvoice.audio.opus import OPUS_SILENCE, OpusDecoder, OpusEncoder
+from cordvoice.audio.pcm import iter_frames
 from cordvoice.audio.receive_pipeline import VoiceFrame
 from cordvoice.audio.sinks import (
     MixedWavSink,
@@ -167,3 +168,33 @@ def test_an_ogg_sink_whose_end_padding_fails_still_closes_its_file(tmp_path: Pat
     # Closed by close() itself, not later by the garbage collector (the traceback still holds the writer).
     assert open_files_to("/dev/full") == before
     assert "No space left" in str(caught.value)
+
+
+def av_decoded(path: Path) -> np.ndarray:
+    """The left channel of what FFmpeg decodes, scaled to s16 (the Ogg header's pre-skip applied)."""
+    with av.open(str(path)) as container:
+        planes = [frame.to_ndarray()[0] for frame in container.decode(audio=0)]
+    audio = np.concatenate(planes)
+    return audio * 32768 if audio.dtype.kind == "f" else audio
+
+
+def test_a_users_ogg_file_lines_up_with_the_wav_file_sample_for_sample(tmp_path: Path) -> None:
+    """The Ogg file must not drop an encoder delay the WAV file keeps: both are one timeline."""
+    source = np.zeros((2 * RATE, 2), dtype="<i2")
+    source[RATE : RATE + 480] = 20_000  # a click at 1 s
+    encoder, decoder = OpusEncoder(), OpusDecoder()
+    timeline = Timeline(100.0)
+    wav = WavSink(tmp_path / "u.wav", 1, timeline=timeline)
+    ogg = OggOpusSink(tmp_path / "u.opus", 1, timeline=timeline)
+    for index, pcm in enumerate(iter_frames(source.tobytes())):
+        packet = encoder.encode(pcm)
+        t = 100.0 + index * 0.02
+        voice = VoiceFrame(1, 1, index, index * 960, t, t, t, packet, decoder.decode(packet))
+        wav.write(voice)
+        ogg.write(voice)
+    for sink in (wav, ogg):
+        sink.close(end_time=102.0)
+    from_wav, from_ogg = samples(tmp_path / "u.wav"), av_decoded(tmp_path / "u.opus")
+    assert len(from_ogg) == len(from_wav) == 2 * RATE
+    click = int(np.argmax(np.abs(from_wav) > 5000))
+    assert int(np.argmax(np.abs(from_ogg) > 5000)) == click

@@ -339,7 +339,8 @@ class OggOpusSink:
 
     Pauses, lost packets and gaps are filled with 20 ms Opus silence frames so the file keeps the
     timeline; a packet that would overlap audio already written by more than half a frame is dropped
-    (``late``). ``user_id`` None takes the first user heard.
+    (``late``). ``user_id`` None takes the first user heard. The file's pre-skip is 0: the sender's encoder
+    delay is part of what was received (the WAV sinks keep it too), so both files of a user line up.
     """
 
     wants_pcm = False
@@ -355,7 +356,7 @@ class OggOpusSink:
         self.path = Path(path)
         self.user_id = user_id
         self._timeline = timeline or Timeline(start_time)
-        self._writer: OggOpusWriter | None = OggOpusWriter(self.path)
+        self._writer: OggOpusWriter | None = OggOpusWriter(self.path, pre_skip=0)
         self._final_samples = 0
         self.late = 0
         self.packets_written = 0

@@ -176,7 +176,7 @@ class _Until:
 
     The receiver's flush at the end (and a late wake-up) hands over frames from past the end; without the
     cut, the files of whoever talks at the end run longer than ``--seconds``, out of line with mixed.wav,
-    which its ``close(end_time)`` cuts. An Opus packet cannot be cut, so an Ogg file may end within a frame.
+    which its ``close(end_time)`` cuts. An Opus packet cannot be cut: one mostly past the end is left out.
 
     A user's file that cannot be written is kept in ``error`` for the command to fail with at the end; the
     receiver would otherwise detach the whole sink, every user's files with it, and the command exit 0.
@@ -193,7 +193,10 @@ class _Until:
         room = self._timeline.samples_until(self.end) - self._timeline.offset(frame.timeline_time)
         if room <= 0:
             return
-        if frame.pcm is not None and room < frame.samples:
+        if frame.pcm is None:
+            if 2 * room < frame.samples:  # an Opus packet mostly past the end: the file ends nearer it
+                return
+        elif room < frame.samples:
             frame = frame._replace(pcm=frame.pcm[: room * _BYTES_PER_SAMPLE], samples=room)
         try:
             self.sink.write(frame)
