@@ -247,6 +247,24 @@ async def test_a_file_that_cannot_be_written_fails_the_recording(
     assert abs(_decoded_samples(tmp_path / f"{talker.user_id}.opus") - 2 * 48_000) < 960
 
 
+async def test_a_mixed_file_that_cannot_be_written_fails_the_recording(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk under mixed.wav: status 8 and why, not a success that lists a broken mixed.wav."""
+    monkeypatch.setenv("DISCORD_TOKEN", world.token)
+    talker = await world.emu.add_participant(world.channel, name="talker")
+    (tmp_path / "mixed.wav").symlink_to("/dev/full")  # every flush fails (ENOSPC)
+    talking = asyncio.ensure_future(talker.play(encode_speech(3.0, 1)))
+    try:
+        assert await _cli("record", "--seconds", "2", "--out", str(tmp_path), *world.target()) == Exit.AUDIO
+    finally:
+        talking.cancel()
+    captured = capsys.readouterr()
+    assert "mixed.wav" in captured.err and "No space left on device" in captured.err
+    assert "recorded" not in captured.out
+    assert len(_wav(tmp_path / f"{talker.user_id}.wav")) == 2 * 48_000
+
+
 async def test_missing_token(
     world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

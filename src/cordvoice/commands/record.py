@@ -98,10 +98,9 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
         mixed = MixedWavSink(folder / "mixed.wav", timeline=timeline)
         per_user_ogg = PerUserOggSink(folder, timeline=timeline)
         sinks: list[PerUserWavSink | MixedWavSink | PerUserOggSink] = [per_user_wav, mixed, per_user_ogg]
-        per_user = [_Until(sink, timeline, start + args.seconds) for sink in (per_user_wav, per_user_ogg)]
-        for cut in per_user:
+        cuts = [_Until(sink, timeline, start + args.seconds) for sink in sinks]
+        for cut in cuts:
             receiver.add_sink(cut)
-        receiver.add_sink(mixed)
         talkers = None
         if connection.emulator is not None:
             talkers = asyncio.ensure_future(_emulated_talkers(connection, args.seconds))
@@ -120,10 +119,10 @@ async def _record(args: argparse.Namespace, folder: Path) -> int:
             progress.finish()
             # Interrupted: the end of the frames written by now, so that every file stops there.
             end = min(time.monotonic() + _FRAME_SECONDS, start + args.seconds)
-            for cut in per_user:
+            for cut in cuts:
                 cut.end = end
             await receiver.close(close_sinks=False)
-            failures = [cut.error for cut in per_user if cut.error is not None]
+            failures = [cut.error for cut in cuts if cut.error is not None]
             for sink in sinks:
                 try:
                     sink.close(end_time=end)
@@ -172,17 +171,20 @@ async def _emulated_talkers(connection: Joined, seconds: float) -> None:
 
 
 class _Until:
-    """Passes a per-user sink the audio before ``end`` on the timeline; a frame across it is cut there.
+    """Passes a sink the audio before ``end`` on the timeline; a frame across it is cut there.
 
     The receiver's flush at the end (and a late wake-up) hands over frames from past the end; without the
     cut, the files of whoever talks at the end run longer than ``--seconds``, out of line with mixed.wav,
     which its ``close(end_time)`` cuts. An Opus packet cannot be cut: one mostly past the end is left out.
 
-    A user's file that cannot be written is kept in ``error`` for the command to fail with at the end; the
-    receiver would otherwise detach the whole sink, every user's files with it, and the command exit 0.
+    A file that cannot be written is kept in ``error`` for the command to fail with at the end; the
+    receiver would otherwise detach the whole sink (every user's files of a per-user one), closing it
+    itself, and the command would exit 0 listing files it never finished.
     """
 
-    def __init__(self, sink: PerUserWavSink | PerUserOggSink, timeline: Timeline, end: float) -> None:
+    def __init__(
+        self, sink: PerUserWavSink | MixedWavSink | PerUserOggSink, timeline: Timeline, end: float
+    ) -> None:
         self.sink = sink
         self.wants_pcm = sink.wants_pcm
         self.end = end
