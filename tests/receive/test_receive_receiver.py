@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import wave
 from collections.abc import AsyncIterable, Callable
@@ -117,6 +118,33 @@ async def test_a_shut_down_executor_counts_decode_errors_and_close_returns() -> 
     got = await collect(decoded)
     assert len(got) == len(frames), "frames still arrive, with silence for the PCM that failed"
     assert receiver.stats(USER_A).decode_errors == len(frames)
+
+
+async def test_a_close_cancelled_while_decoding_still_ends_the_streams_and_finishes_the_files(
+    tmp_path: Path,
+) -> None:
+    """A task cancelled in close() (a shutdown, a timeout) must not leave WAV headers empty, streams open."""
+    pool = ThreadPoolExecutor(1)
+    busy = threading.Event()
+    pool.submit(busy.wait, 10)  # the decode of close()'s last frames waits behind this
+    receiver = Receiver(None, executor=pool)
+    receiver.on_speaking(USER_A, SSRC_A, 1)
+    wav = receiver.add_sink(WavSink(tmp_path / "a.wav", USER_A))
+    frames = receiver.listen()
+    for seq, packet in enumerate(encode_pcm(tone(440.0, 0.1))):
+        receiver.feed(rtp_header(seq, seq * 960, SSRC_A), packet)
+    closing = asyncio.ensure_future(receiver.close())
+    await asyncio.sleep(0.05)
+    closing.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert len(await collect(frames, 2.0)) == 5
+        assert isinstance(wav, WavSink) and wav.samples_written == 0
+        assert read_wav(tmp_path / "a.wav")[1] == 0  # closed: a header for what was written
+    finally:
+        busy.set()
+        pool.shutdown()
 
 
 async def test_slow_consumer_is_bounded_and_counts_drops() -> None:

@@ -436,9 +436,17 @@ class Receiver:
             detach()
         output = self._core.drain(time.monotonic(), self._wants_pcm if self._pcm_wanted() else None)
         self._dispatch(output)
-        if self._decoding:
-            self._decode_idle = self._loop.create_future()
-            await self._decode_idle
+        try:
+            if self._decoding:
+                self._decode_idle = self._loop.create_future()
+                await self._decode_idle
+        finally:
+            # Even when cancelled (the frames still decoding are then lost): a later close() returns at once,
+            # so this is the only chance to end the streams and finish the sinks' files.
+            self._finish_outputs(close_sinks)
+
+    def _finish_outputs(self, close_sinks: bool) -> None:
+        """End every stream and detach the sinks (closing them if asked)."""
         for stream in self._frame_streams:
             stream._finish()
         for events in self._speaking_streams:
