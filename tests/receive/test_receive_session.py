@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
+
+import av
 
 from cordvoice.audio.receive_pipeline import SpeakingChange, VoiceFrame
 from cordvoice.audio.samples import speech_like
+from cordvoice.audio.sinks import record_to_directory
 from cordvoice.audio.sources import FramesSource
 from cordvoice.session import SessionState
 
@@ -99,3 +104,29 @@ async def test_a_move_to_another_channel_ends_the_old_channels_speakers() -> Non
         assert talker.ssrc not in receiver.ssrc_users
         assert receiver.ssrc_users[newcomer.ssrc] == newcomer.user_id
         assert receiver.stats(newcomer.user_id).delivered >= 50
+
+
+async def test_a_member_heard_only_as_silence_frames_leaves_no_unreadable_recording(tmp_path: Path) -> None:
+    """Only the 3-byte silence frames (a member who stopped talking as the recording began): no files."""
+    async with bot_world("silence-only") as world:
+        speaker, quiet = await world.add_speaker("speaker"), await world.add_speaker("quiet")
+        await world.converge([speaker, quiet])
+        receiver = world.receiver
+        for sink in record_to_directory(tmp_path, start_time=time.monotonic()):
+            receiver.add_sink(sink)
+        await asyncio.gather(speaker.play(encode_pcm(speech_like(0.4, voice=1))), quiet.play([]))
+        await asyncio.sleep(0.2)
+        assert receiver.stats(quiet.user_id).delivered == 5
+        await receiver.close()
+    lengths = decoded_lengths(tmp_path)
+    assert sorted(lengths) == sorted([f"{speaker.user_id}.wav", f"{speaker.user_id}.opus", "mixed.wav"])
+    assert all(samples > 0.4 * 48_000 for samples in lengths.values()), lengths
+
+
+def decoded_lengths(folder: Path) -> dict[str, int]:
+    """How many samples FFmpeg decodes from each file in ``folder``."""
+    lengths = {}
+    for path in folder.iterdir():
+        with av.open(str(path)) as container:
+            lengths[path.name] = sum(frame.samples for frame in container.decode(audio=0))
+    return lengths

@@ -402,7 +402,7 @@ _S = TypeVar("_S", WavSink, OggOpusSink)
 
 
 class _PerUser(Generic[_S]):
-    """One file sink per user in ``directory`` (created on the user's first frame), all on one timeline."""
+    """One file sink per user in ``directory`` (created on the user's first audio), all on one timeline."""
 
     _sink: type[_S]
 
@@ -434,6 +434,10 @@ class _PerUser(Generic[_S]):
             return
         sink = self.sinks.get(frame.user_id)
         if sink is None:
+            if frame.is_silence:
+                # Not audio (the sinks skip it): a member heard only this way would get an empty WAV and
+                # an Ogg file without a single packet, which FFmpeg cannot open.
+                return
             path = self.directory / self._filename.format(user_id=frame.user_id)
             sink = self.sinks[frame.user_id] = self._sink(path, frame.user_id, timeline=self._timeline)
         sink.write(frame)
@@ -458,7 +462,7 @@ class _PerUser(Generic[_S]):
 
 
 class PerUserWavSink(_PerUser[WavSink]):
-    """One :class:`WavSink` per user in ``directory`` (created on the user's first frame), one timeline.
+    """One :class:`WavSink` per user in ``directory`` (created on the user's first audio), one timeline.
 
     Files are named by ``filename`` (``{user_id}`` is replaced). All of them start at ``start_time`` (default:
     the first frame of anyone), so they line up sample for sample.
