@@ -198,3 +198,14 @@ def test_a_users_ogg_file_lines_up_with_the_wav_file_sample_for_sample(tmp_path:
     assert len(from_ogg) == len(from_wav) == 2 * RATE
     click = int(np.argmax(np.abs(from_wav) > 5000))
     assert int(np.argmax(np.abs(from_ogg) > 5000)) == click
+
+
+def test_an_ogg_talk_spurt_starting_half_a_frame_off_the_grid_loses_no_packet(tmp_path: Path) -> None:
+    """The silence filling a pause may overshoot by half a frame: the spurt's packets are not late for it."""
+    sink = OggOpusSink(tmp_path / "u.opus", 1, start_time=10.0)
+    sink.write(frame(1, 0, 10.0, 5))
+    for index in range(10):  # after a pause, starting 1.5 frames after the first packet's end
+        sink.write(frame(1, 1 + index, 10.05 + index * 0.02, 5))
+    sink.close()
+    assert sink.late == 0
+    assert av_packets(tmp_path / "u.opus").count(b"\xfc\x00\x01\x02") == 11

@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 _BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
 _HALF_FRAME: Final = FRAME_SAMPLES // 2
+_OGG_LATE: Final = FRAME_SAMPLES * 3 // 4
+"""An Ogg packet overlapping what is written by this much is late. More than the half frame a silence fill can
+overshoot by, so that a spurt of packets a sample either side of that (timeline rounding) is not dropped."""
 
 
 @runtime_checkable
@@ -338,9 +341,10 @@ class OggOpusSink:
     """One user's Opus packets in an Ogg Opus file, exactly as received (no re-encoding).
 
     Pauses, lost packets and gaps are filled with 20 ms Opus silence frames so the file keeps the
-    timeline; a packet that would overlap audio already written by more than half a frame is dropped
-    (``late``). ``user_id`` None takes the first user heard. The file's pre-skip is 0: the sender's encoder
-    delay is part of what was received (the WAV sinks keep it too), so both files of a user line up.
+    timeline, to within a frame; a packet that would overlap audio already written by more than three
+    quarters of a frame is dropped (``late``). ``user_id`` None takes the first user heard. The file's
+    pre-skip is 0: the sender's encoder delay is part of what was received (the WAV sinks keep it too), so
+    both files of a user line up.
     """
 
     wants_pcm = False
@@ -378,7 +382,7 @@ class OggOpusSink:
         gap = offset - writer.samples_written
         if gap >= _HALF_FRAME:
             writer.write_silence((gap + _HALF_FRAME) // FRAME_SAMPLES)
-        elif gap <= -_HALF_FRAME:
+        elif gap <= -_OGG_LATE:
             self.late += 1
             return
         writer.write(frame.opus, frame.samples)
