@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tracemalloc
 import wave
 from pathlib import Path
 
@@ -209,3 +210,23 @@ def test_an_ogg_talk_spurt_starting_half_a_frame_off_the_grid_loses_no_packet(tm
     sink.close()
     assert sink.late == 0
     assert av_packets(tmp_path / "u.opus").count(b"\xfc\x00\x01\x02") == 11
+
+
+def test_silence_across_a_long_pause_is_written_without_holding_it_in_memory(tmp_path: Path) -> None:
+    """A member first heard an hour in (or gone an hour before the end) must not cost a GB of RAM at once."""
+    timeline = Timeline(0.0)
+    per_user = PerUserWavSink(tmp_path, timeline=timeline)
+    mixed = MixedWavSink(tmp_path / "mixed.wav", timeline=timeline)
+    tracemalloc.start()
+    try:
+        for sink in (per_user, mixed):
+            sink.write(frame(1, 0, 0.0, 5))
+            sink.write(frame(2, 0, 30.0, 7))  # 30 s of silence before user 2, in every file
+            sink.close(end_time=60.0)  # and 30 s after
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3_000_000, f"{peak:,} bytes at once for 30 s of silence (5.8 MB)"
+    for name, voiced in (("1.wav", 960), ("2.wav", 960), ("mixed.wav", 2 * 960)):
+        audio = samples(tmp_path / name)
+        assert len(audio) == 60 * RATE and np.count_nonzero(audio) == voiced, name

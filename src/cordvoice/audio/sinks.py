@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 _BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
 _HALF_FRAME: Final = FRAME_SAMPLES // 2
+_SILENCE_BLOCK: Final = bytes(SAMPLE_RATE * _BYTES_PER_SAMPLE)
+"""One second of digital silence: long pauses are written a block at a time, never allocated whole."""
 _OGG_LATE: Final = FRAME_SAMPLES * 3 // 4
 """An Ogg packet overlapping what is written by this much is late. More than the half frame a silence fill can
 overshoot by, so that a spurt of packets a sample either side of that (timeline rounding) is not dropped."""
@@ -140,6 +142,14 @@ class _WavFile:
             raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
         self.samples += len(pcm) // _BYTES_PER_SAMPLE
 
+    def write_silence(self, samples: int) -> None:
+        """Append ``samples`` samples of silence (an hour's pause is 691 MB: written in 1 s blocks)."""
+        block = _SILENCE_BLOCK
+        while samples > 0:
+            count = min(samples, SAMPLE_RATE)
+            self.write(block if count == SAMPLE_RATE else block[: count * _BYTES_PER_SAMPLE])
+            samples -= count
+
     def truncate(self, samples: int) -> None:
         """Drop everything after the first ``samples`` samples."""
         if samples >= self.samples:
@@ -208,7 +218,7 @@ class WavSink:
         pcm = frame.pcm if frame.pcm is not None else bytes(frame.samples * _BYTES_PER_SAMPLE)
         gap = offset - writer.samples
         if gap > 0:
-            writer.write(bytes(gap * _BYTES_PER_SAMPLE))
+            writer.write_silence(gap)
         elif gap < 0:
             skip = -gap * _BYTES_PER_SAMPLE
             if skip >= len(pcm):
@@ -230,7 +240,7 @@ class WavSink:
         try:
             if end_time is not None:
                 end = self._timeline.samples_until(end_time)
-                writer.write(bytes(max(0, end - writer.samples) * _BYTES_PER_SAMPLE))
+                writer.write_silence(end - writer.samples)
                 writer.truncate(end)
         finally:
             self._final_samples = writer.samples
@@ -315,7 +325,7 @@ class MixedWavSink:
         chunk = soft_clip_to_int16(buffer[:held].astype(np.float32)).tobytes()
         writer.write(chunk)
         if count > held:
-            writer.write(bytes((count - held) * _BYTES_PER_SAMPLE))
+            writer.write_silence(count - held)
         if held < self._capacity:
             buffer[: self._capacity - held] = buffer[held:]
             buffer[self._capacity - held :] = 0
