@@ -230,3 +230,19 @@ def test_silence_across_a_long_pause_is_written_without_holding_it_in_memory(tmp
     for name, voiced in (("1.wav", 960), ("2.wav", 960), ("mixed.wav", 2 * 960)):
         audio = samples(tmp_path / name)
         assert len(audio) == 60 * RATE and np.count_nonzero(audio) == voiced, name
+
+
+def test_a_wav_file_past_4_gib_reads_to_its_end(tmp_path: Path) -> None:
+    """Past 6.2 hours the sizes do not fit: FFmpeg must still read every hour; the silence costs no disk."""
+    sink = WavSink(tmp_path / "long.wav", 1, start_time=0.0)
+    sink.write(frame(1, 0, 0.0, 5))
+    sink.write(frame(1, 1, 7 * 3600.0, 9))  # a member who spoke at the start and 7 hours later
+    sink.close(end_time=7 * 3600.0 + 1.0)
+    path = tmp_path / "long.wav"
+    assert path.stat().st_size == 44 + (7 * 3600 + 1) * RATE * 4
+    assert path.stat().st_blocks * 512 < 10_000_000, "the pause is a hole, not 4.8 GB of zeros"
+    with av.open(str(path)) as container:
+        assert container.duration is not None and round(container.duration / 1e6) == 7 * 3600 + 1
+        container.seek(7 * 3600 * 1_000_000)
+        first = next(container.decode(audio=0)).to_ndarray().reshape(-1)
+    assert first[0] == 9

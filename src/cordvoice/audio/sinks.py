@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 _BYTES_PER_SAMPLE: Final = CHANNELS * SAMPLE_WIDTH
 _HALF_FRAME: Final = FRAME_SAMPLES // 2
 _SILENCE_BLOCK: Final = bytes(SAMPLE_RATE * _BYTES_PER_SAMPLE)
-"""One second of digital silence: long pauses are written a block at a time, never allocated whole."""
+"""One second of digital silence: a shorter gap in a WAV file is written from it, a longer one is a hole."""
+_WAV_MAX_DATA: Final = 0xFFFFFFFF - 36
 _OGG_LATE: Final = FRAME_SAMPLES * 3 // 4
 """An Ogg packet overlapping what is written by this much is late. More than the half frame a silence fill can
 overshoot by, so that a spurt of packets a sample either side of that (timeline rounding) is not dropped."""
@@ -94,7 +95,8 @@ class _WavFile:
     """A 48 kHz stereo s16 WAV being written: the samples follow a header whose sizes are filled in at close.
 
     Written here rather than with :mod:`wave` so that a file can also be cut back (:meth:`truncate`) when
-    audio placed past the recording's end arrives before the close.
+    audio placed past the recording's end arrives before the close. Past 4 GiB of samples (6.2 hours) both
+    sizes are 0xFFFFFFFF, which FFmpeg reads as "to the end of the file"; :mod:`wave` stops at 6.2 hours.
     """
 
     _HEADER: Final = 44
@@ -102,6 +104,7 @@ class _WavFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.samples = 0
+        self._hole_at_end = False
         try:
             self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()
         except OSError as exc:
@@ -114,11 +117,13 @@ class _WavFile:
 
     @staticmethod
     def _header(data_bytes: int) -> bytes:
-        data_bytes = min(data_bytes, 0xFFFFFFFF - 36)  # past ~6 h the sizes saturate, as other writers do
+        riff_bytes = 36 + data_bytes
+        if data_bytes > _WAV_MAX_DATA:  # a saturated size short of 0xFFFFFFFF would cut readers off there
+            riff_bytes = data_bytes = 0xFFFFFFFF
         return b"".join(
             (
                 b"RIFF",
-                struct.pack("<I", 36 + data_bytes),
+                struct.pack("<I", riff_bytes),
                 b"WAVEfmt ",
                 struct.pack(
                     "<IHHIIHH",
@@ -141,14 +146,21 @@ class _WavFile:
         except OSError as exc:
             raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
         self.samples += len(pcm) // _BYTES_PER_SAMPLE
+        self._hole_at_end = False
 
     def write_silence(self, samples: int) -> None:
-        """Append ``samples`` samples of silence (an hour's pause is 691 MB: written in 1 s blocks)."""
-        block = _SILENCE_BLOCK
-        while samples > 0:
-            count = min(samples, SAMPLE_RATE)
-            self.write(block if count == SAMPLE_RATE else block[: count * _BYTES_PER_SAMPLE])
-            samples -= count
+        """Append ``samples`` samples of silence: zeros, or past a second a hole (a sparse file), since an
+        hour's pause is 691 MB that would otherwise be allocated at once and written to disk."""
+        if samples < SAMPLE_RATE:
+            if samples > 0:
+                self.write(_SILENCE_BLOCK[: samples * _BYTES_PER_SAMPLE])
+            return
+        try:
+            self._file.seek(samples * _BYTES_PER_SAMPLE, os.SEEK_CUR)
+        except OSError as exc:
+            raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        self.samples += samples
+        self._hole_at_end = True
 
     def truncate(self, samples: int) -> None:
         """Drop everything after the first ``samples`` samples."""
@@ -160,11 +172,14 @@ class _WavFile:
         except OSError as exc:
             raise AudioError(f"cannot write {str(self.path)!r}: {exc}") from exc
         self.samples = samples
+        self._hole_at_end = False
 
     def close(self) -> None:
         """Fill in the sizes and close the file (closed even if that fails)."""
         try:
             try:
+                if self._hole_at_end:  # a file ending in a hole is only as long as its last write
+                    self._file.truncate(self._HEADER + self.samples * _BYTES_PER_SAMPLE)
                 self._file.seek(0)
                 self._file.write(self._header(self.samples * _BYTES_PER_SAMPLE))
             finally:
