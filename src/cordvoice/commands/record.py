@@ -1,8 +1,9 @@
 """``cordvoice record --guild G --channel C --out DIR --seconds N``: record a voice channel, then leave.
 
 Writes ``<user id>.wav`` and ``<user id>.opus`` for each member heard and ``mixed.wav``, all on one
-timeline and exactly ``N`` seconds long. The token comes from ``$DISCORD_TOKEN``. With ``--emulator`` it
-records an embedded local emulator where two simulated participants take turns talking.
+timeline, the WAV files exactly ``N`` seconds long (the Ogg files to within a packet). The token comes
+from ``$DISCORD_TOKEN``. With ``--emulator`` it records an embedded local emulator where two simulated
+participants take turns talking.
 """
 
 from __future__ import annotations
