@@ -22,6 +22,7 @@ from cordvoice.audio.sinks import (
     PerUserWavSink,
     Timeline,
     WavSink,
+    record_to_directory,
 )
 from cordvoice.errors import AudioError
 
@@ -246,3 +247,16 @@ def test_a_wav_file_past_4_gib_reads_to_its_end(tmp_path: Path) -> None:
         container.seek(7 * 3600 * 1_000_000)
         first = next(container.decode(audio=0)).to_ndarray().reshape(-1)
     assert first[0] == 9
+
+
+def test_a_folder_that_cannot_be_created_raises_audio_error(tmp_path: Path) -> None:
+    """Like a file that cannot be created: the project's error, not a bare OSError."""
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"a file where the folder should be")
+    for make in (
+        lambda: PerUserWavSink(taken),
+        lambda: PerUserOggSink(taken / "sub"),
+        lambda: record_to_directory(taken),
+    ):
+        with pytest.raises(AudioError, match="cannot create"):
+            make()

@@ -91,6 +91,16 @@ class Timeline:
         return max(0, round((end_time - self.start) * SAMPLE_RATE))
 
 
+def _make_folder(directory: str | os.PathLike[str]) -> Path:
+    """Create ``directory`` (and its parents) if needed; failing is an AudioError, as for a file."""
+    folder = Path(directory)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AudioError(f"cannot create {str(folder)!r}: {exc}") from exc
+    return folder
+
+
 class _WavFile:
     """A 48 kHz stereo s16 WAV being written: the samples follow a header whose sizes are filled in at close.
 
@@ -443,8 +453,7 @@ class _PerUser(Generic[_S]):
         timeline: Timeline | None = None,
         filename: str,
     ) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = _make_folder(directory)
         self._filename = filename
         self._timeline = timeline or Timeline(start_time)
         self.sinks: dict[int, _S] = {}
@@ -572,8 +581,7 @@ def record_to_directory(
     with the same ``end_time`` to get WAV files exactly as long as the recording (the Ogg files end with the
     last whole packet, which the receiver's closing flush can place up to its jitter delay past it).
     """
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _make_folder(directory)
     timeline = Timeline(start_time)
     sinks: list[AudioSink] = []
     if per_user_wav:
