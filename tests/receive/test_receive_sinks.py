@@ -24,7 +24,7 @@ from cordvoice.audio.sinks import (
     WavSink,
     record_to_directory,
 )
-from cordvoice.errors import AudioError
+from cordvoice.errors import AudioError, InvalidArgumentError
 
 RATE = 48_000
 
@@ -260,3 +260,21 @@ def test_a_folder_that_cannot_be_created_raises_audio_error(tmp_path: Path) -> N
     ):
         with pytest.raises(AudioError, match="cannot create"):
             make()
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "{user}.wav",
+        "{user_id}-{0}.wav",
+        "{user_id",
+        "{user_id:q}.wav",
+        "{user_id.x}",
+        "{user_id[0]}",
+        "all.wav",
+    ],
+)
+def test_a_bad_filename_template_is_refused_when_the_sink_is_made(tmp_path: Path, filename: str) -> None:
+    """Not on the first frame, where the receiver would detach the sink and record nobody."""
+    with pytest.raises(InvalidArgumentError, match="filename"):
+        PerUserWavSink(tmp_path, filename=filename)

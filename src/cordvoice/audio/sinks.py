@@ -453,6 +453,12 @@ class _PerUser(Generic[_S]):
         timeline: Timeline | None = None,
         filename: str,
     ) -> None:
+        try:
+            distinct = filename.format(user_id=1) != filename.format(user_id=2)
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            raise InvalidArgumentError(f"filename {filename!r} is not a template: {exc!r}") from None
+        if not distinct:  # every user would overwrite one file
+            raise InvalidArgumentError(f"filename {filename!r} must contain {{user_id}}")
         self.directory = _make_folder(directory)
         self._filename = filename
         self._timeline = timeline or Timeline(start_time)
