@@ -278,3 +278,17 @@ def test_a_bad_filename_template_is_refused_when_the_sink_is_made(tmp_path: Path
     """Not on the first frame, where the receiver would detach the sink and record nobody."""
     with pytest.raises(InvalidArgumentError, match="filename"):
         PerUserWavSink(tmp_path, filename=filename)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_start_or_end_that_is_not_a_time_is_refused(tmp_path: Path, bad: float) -> None:
+    with pytest.raises(InvalidArgumentError, match="start_time"):
+        WavSink(tmp_path / "a.wav", 1, start_time=bad)
+    with pytest.raises(InvalidArgumentError, match="start"):
+        Timeline(bad)
+    for sink in (WavSink(tmp_path / "b.wav", 1, start_time=0.0), MixedWavSink(tmp_path / "m.wav")):
+        sink.write(frame(1, 0, 0.0, 5))
+        with pytest.raises(InvalidArgumentError, match="end_time"):
+            sink.close(end_time=bad)
+        sink.close()  # still open: the refused close wrote nothing
+        assert len(samples(sink.path)) == 960

@@ -17,6 +17,7 @@ Frames that come too late for their place (already written) are dropped and coun
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -78,7 +79,7 @@ class Timeline:
     __slots__ = ("start",)
 
     def __init__(self, start: float | None = None) -> None:
-        self.start = start
+        self.start = _check_time(start, "start_time")
 
     def offset(self, time: float) -> int:
         if self.start is None:
@@ -89,6 +90,13 @@ class Timeline:
         if self.start is None:
             return 0
         return max(0, round((end_time - self.start) * SAMPLE_RATE))
+
+
+def _check_time(value: float | None, name: str) -> float | None:
+    """``value`` if None or finite: NaN or infinity would fail later, at the first frame or the close."""
+    if value is not None and not math.isfinite(value):
+        raise InvalidArgumentError(f"{name} must be a finite time (time.monotonic() seconds), not {value!r}")
+    return value
 
 
 def _make_folder(directory: str | os.PathLike[str]) -> Path:
@@ -259,6 +267,7 @@ class WavSink:
         Cutting matters because a receiver's close flushes the frames its jitter buffer held, which play
         after the moment the recording was stopped.
         """
+        _check_time(end_time, "end_time")
         writer = self._writer
         if writer is None:
             return
@@ -360,6 +369,7 @@ class MixedWavSink:
 
     def close(self, end_time: float | None = None) -> None:
         """Write everything up to the last frame's end (or ``end_time``), finish the header and close."""
+        _check_time(end_time, "end_time")
         if self._writer is None:
             return
         end = self._end if end_time is None else self._timeline.samples_until(end_time)
@@ -424,6 +434,7 @@ class OggOpusSink:
         self.packets_written += 1
 
     def close(self, end_time: float | None = None) -> None:
+        _check_time(end_time, "end_time")
         writer, self._writer = self._writer, None
         if writer is None:
             return
@@ -488,6 +499,7 @@ class _PerUser(Generic[_S]):
 
     def close(self, end_time: float | None = None) -> None:
         """Close every user's sink, even after one fails, then raise the failure (or how many failed)."""
+        _check_time(end_time, "end_time")
         if self._closed:
             return
         self._closed = True
