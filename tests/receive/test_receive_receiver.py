@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
 import wave
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -19,7 +20,7 @@ import pytest
 from cordvoice.audio.mixer import soft_clip_to_int16
 from cordvoice.audio.opus import OpusDecoder
 from cordvoice.audio.receive_pipeline import DecodeJob, VoiceFrame
-from cordvoice.audio.receiver import Receiver, _split_jobs
+from cordvoice.audio.receiver import FrameStream, Receiver, _split_jobs
 from cordvoice.audio.samples import speech_like, tone
 from cordvoice.audio.sinks import (
     CallbackSink,
@@ -120,31 +121,57 @@ async def test_a_shut_down_executor_counts_decode_errors_and_close_returns() -> 
     assert receiver.stats(USER_A).decode_errors == len(frames)
 
 
+@contextlib.contextmanager
+def closing_while_decoding(tmp_path: Path) -> Iterator[tuple[Receiver, WavSink, FrameStream]]:
+    """A receiver holding 5 frames of USER_A, whose close() will wait for their decode until the block ends.
+
+    Yields it with a WAV sink and an Opus stream attached.
+    """
+    pool = ThreadPoolExecutor(1)
+    busy = threading.Event()
+    pool.submit(busy.wait, 10)  # the decode of close()'s last frames waits behind this
+    try:
+        receiver = Receiver(None, executor=pool)
+        receiver.on_speaking(USER_A, SSRC_A, 1)
+        wav = WavSink(tmp_path / "a.wav", USER_A)
+        receiver.add_sink(wav)
+        frames = receiver.listen()
+        for seq, packet in enumerate(encode_pcm(tone(440.0, 0.1))):
+            receiver.feed(rtp_header(seq, seq * 960, SSRC_A), packet)
+        yield receiver, wav, frames
+    finally:
+        busy.set()
+        pool.shutdown()
+
+
 async def test_a_close_cancelled_while_decoding_still_ends_the_streams_and_finishes_the_files(
     tmp_path: Path,
 ) -> None:
     """A task cancelled in close() (a shutdown, a timeout) must not leave WAV headers empty, streams open."""
-    pool = ThreadPoolExecutor(1)
-    busy = threading.Event()
-    pool.submit(busy.wait, 10)  # the decode of close()'s last frames waits behind this
-    receiver = Receiver(None, executor=pool)
-    receiver.on_speaking(USER_A, SSRC_A, 1)
-    wav = receiver.add_sink(WavSink(tmp_path / "a.wav", USER_A))
-    frames = receiver.listen()
-    for seq, packet in enumerate(encode_pcm(tone(440.0, 0.1))):
-        receiver.feed(rtp_header(seq, seq * 960, SSRC_A), packet)
-    closing = asyncio.ensure_future(receiver.close())
-    await asyncio.sleep(0.05)
-    closing.cancel()
-    try:
+    with closing_while_decoding(tmp_path) as (receiver, wav, frames):
+        closing = asyncio.ensure_future(receiver.close())
+        await asyncio.sleep(0.05)
+        closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
         assert len(await collect(frames, 2.0)) == 5
-        assert isinstance(wav, WavSink) and wav.samples_written == 0
+        assert wav.samples_written == 0
         assert read_wav(tmp_path / "a.wav")[1] == 0  # closed: a header for what was written
-    finally:
-        busy.set()
-        pool.shutdown()
+
+
+async def test_a_second_close_returns_once_the_first_has_finished_the_files(tmp_path: Path) -> None:
+    """The session closes its receiver itself when it ends; the bot's own close must not return before it."""
+    with closing_while_decoding(tmp_path) as (receiver, wav, frames):
+        first = asyncio.ensure_future(receiver.close())  # the session's, on DisconnectedEvent
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(receiver.close())  # the bot's, right after wait_closed()
+        await asyncio.sleep(0.05)
+        assert not second.done(), "returned while the files were still being written"
+    async with asyncio.timeout(5):
+        await second
+    assert first.done() and wav.samples_written == 5 * 960
+    assert read_wav(tmp_path / "a.wav")[1] == 5 * 960
+    assert len(await collect(frames, 2.0)) == 5
 
 
 async def test_slow_consumer_is_bounded_and_counts_drops() -> None:

@@ -243,6 +243,7 @@ class Receiver:
         self.sink_errors = 0
         self.tick_errors = 0
         self._closed = False
+        self._close_done: asyncio.Future[None] | None = None
         self._detachers: list[Callable[[], None]] = []
         self._clock = clock or get_clock(self._loop)
         self._subscription: ClockSubscription | None = self._subscribe()
@@ -424,10 +425,16 @@ class Receiver:
     # Lifecycle
 
     async def close(self, *, close_sinks: bool = True) -> None:
-        """Play out what is buffered, finish decoding, end every stream and (by default) close the sinks."""
+        """Play out what is buffered, finish decoding, end every stream and (by default) close the sinks.
+
+        A close while another is under way (the session's own, when it ends) returns when that one is done.
+        """
         if self._closed:
+            if self._close_done is not None:
+                await asyncio.shield(self._close_done)
             return
         self._closed = True
+        self._close_done = self._loop.create_future()
         if self._subscription is not None:
             self._subscription.cancel()
             self._subscription = None
@@ -443,7 +450,10 @@ class Receiver:
         finally:
             # Even when cancelled (the frames still decoding are then lost): a later close() returns at once,
             # so this is the only chance to end the streams and finish the sinks' files.
-            self._finish_outputs(close_sinks)
+            try:
+                self._finish_outputs(close_sinks)
+            finally:
+                self._close_done.set_result(None)
 
     def _finish_outputs(self, close_sinks: bool) -> None:
         """End every stream and detach the sinks (closing them if asked)."""
