@@ -292,3 +292,16 @@ def test_a_start_or_end_that_is_not_a_time_is_refused(tmp_path: Path, bad: float
             sink.close(end_time=bad)
         sink.close()  # still open: the refused close wrote nothing
         assert len(samples(sink.path)) == 960
+
+
+def test_a_sink_for_the_first_user_heard_is_not_taken_by_silence_frames(tmp_path: Path) -> None:
+    """Someone who had just stopped talking sends silence frames first: the first user *heard* speaks next."""
+    wav = WavSink(tmp_path / "first.wav", start_time=1.0)
+    ogg = OggOpusSink(tmp_path / "first.opus", start_time=1.0)
+    for sink in (wav, ogg):
+        sink.write(frame(1, 0, 1.0, 0, opus=OPUS_SILENCE))
+        sink.write(frame(2, 0, 1.02, 7))
+        sink.close()
+    assert wav.user_id == ogg.user_id == 2
+    assert samples(tmp_path / "first.wav")[-960:].tolist() == [7] * 960
+    assert av_packets(tmp_path / "first.opus")[-1] == b"\xfc\x00\x01\x02"

@@ -240,12 +240,12 @@ class WavSink:
         return self.samples_written / SAMPLE_RATE
 
     def write(self, frame: VoiceFrame) -> None:
-        if self.user_id is None:
-            self.user_id = frame.user_id
-        elif frame.user_id != self.user_id:
-            return
         writer = self._writer
         if frame.is_silence or writer is None:
+            return
+        if self.user_id is None:
+            self.user_id = frame.user_id  # heard: silence frames (skipped above) are not
+        elif frame.user_id != self.user_id:
             return
         offset = self._timeline.offset(frame.timeline_time)
         pcm = frame.pcm if frame.pcm is not None else bytes(frame.samples * _BYTES_PER_SAMPLE)
@@ -416,12 +416,12 @@ class OggOpusSink:
         return self._writer.samples_written if self._writer is not None else self._final_samples
 
     def write(self, frame: VoiceFrame) -> None:
-        if self.user_id is None:
-            self.user_id = frame.user_id
-        elif frame.user_id != self.user_id:
-            return
         writer = self._writer
         if writer is None or frame.opus is None or frame.is_silence:
+            return
+        if self.user_id is None:
+            self.user_id = frame.user_id  # heard: silence frames (skipped above) are not
+        elif frame.user_id != self.user_id:
             return
         offset = self._timeline.offset(frame.timeline_time)
         gap = offset - writer.samples_written
