@@ -6,6 +6,7 @@ import io
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import av
@@ -536,3 +537,26 @@ def test_opening_and_closing_many_times_leaks_no_file_descriptors(
     for _ in range(200):
         cycle()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.parametrize("max_page_samples", [48_000, 20 * 48_000])
+def test_ogg_writer_writes_an_hour_of_silence_at_once_as_packet_by_packet(max_page_samples: int) -> None:
+    """A recorder fills a member's hour-long absence at once: quickly, the same bytes as one by one."""
+    frames = 3600 * 50
+    files = []
+    for bulk in (True, False):
+        buffer = io.BytesIO()
+        writer = OggOpusWriter(buffer, serial=7, max_page_samples=max_page_samples)
+        writer.write(b"\xfc\x01\x02")
+        started = time.perf_counter()
+        if bulk:
+            writer.write_silence(frames)
+            elapsed = time.perf_counter() - started
+        else:
+            for _ in range(frames):
+                writer.write(OPUS_SILENCE, 960)
+        writer.write(b"\xfc\x03\x04")
+        writer.close(end_trim=100)
+        files.append(buffer.getvalue())
+    assert files[0] == files[1]
+    assert elapsed < 0.08, f"{elapsed * 1000:.0f} ms with the event loop held (packet by packet: 160)"

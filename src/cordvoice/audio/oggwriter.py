@@ -138,21 +138,35 @@ class OggOpusWriter:
         # Flush *before* adding, so the last packet written is always still pending: close() can then
         # mark it end-of-stream and apply an end trim. A page whose 255 lacing values are used up is
         # flushed here too, so the packet starts a fresh page (not flagged as continuing one).
-        if self._segments and (
-            len(self._segments) == _MAX_SEGMENTS
-            or self._granule + samples - self._page_start_granule > self._max_page_samples
-        ):
+        if self._page_full(samples):
             self._emit_page()
         self._granule += samples
         self._packets += 1
         self._add_packet(bytes(packet), self._granule)
 
     def write_silence(self, frames: int = 1) -> None:
-        """Append ``frames`` 20 ms frames of Opus silence (to keep a pause in place on the timeline)."""
+        """Append ``frames`` 20 ms frames of Opus silence (to keep a pause in place on the timeline).
+
+        Whole pages of it are built at once: an hour's pause is 180,000 packets, which one by one held the
+        event loop of a recorder for 0.16 s.
+        """
         if frames < 0:
             raise InvalidArgumentError("frames must be >= 0")
-        for _ in range(frames):
-            self.write(OPUS_SILENCE, FRAME_SAMPLES)
+        self._check_open()
+        per_page = min(_MAX_SEGMENTS, self._max_page_samples // FRAME_SAMPLES)
+        while frames > 0:
+            if frames > per_page and self._page_full(FRAME_SAMPLES):
+                # What per_page calls of write() would do, the page left pending as write() leaves it.
+                self._emit_page()
+                self._granule += per_page * FRAME_SAMPLES
+                self._packets += per_page
+                self._segments = [len(OPUS_SILENCE)] * per_page
+                self._body = [OPUS_SILENCE * per_page]
+                self._page_granule = self._granule
+                frames -= per_page
+            else:
+                self.write(OPUS_SILENCE, FRAME_SAMPLES)
+                frames -= 1
 
     def flush(self) -> None:
         """Write the pending page and flush the file (the data is then readable by other processes)."""
@@ -197,6 +211,13 @@ class OggOpusWriter:
             self._file.flush()
         except OSError as exc:
             raise AudioError(f"cannot write the Ogg file: {exc}") from exc
+
+    def _page_full(self, samples: int) -> bool:
+        """Whether a packet of ``samples`` must start a new page (the pending one has no room for it)."""
+        return bool(self._segments) and (
+            len(self._segments) == _MAX_SEGMENTS
+            or self._granule + samples - self._page_start_granule > self._max_page_samples
+        )
 
     def _add_packet(self, data: bytes, granule_after: int) -> None:
         # The pending page must have room for at least one lacing value (write() flushes a full page
