@@ -31,6 +31,7 @@ from cordvoice.audio.sinks import (
     WavSink,
     record_to_directory,
 )
+from cordvoice.errors import InvalidArgumentError
 
 from .receive_helpers import DaveGroup, aligned_correlation, encode_pcm, rtp_header, to_mono
 
@@ -172,6 +173,16 @@ async def test_a_second_close_returns_once_the_first_has_finished_the_files(tmp_
     assert first.done() and wav.samples_written == 5 * 960
     assert read_wav(tmp_path / "a.wav")[1] == 5 * 960
     assert len(await collect(frames, 2.0)) == 5
+
+
+@pytest.mark.parametrize("not_a_sink", [["a list of sinks"], "meeting", None])
+async def test_adding_something_that_is_not_a_sink_is_refused(tmp_path: Path, not_a_sink: object) -> None:
+    """``add_sink(record_to_directory(...))`` (the list, not each sink) is an easy slip: say so."""
+    receiver = Receiver(None)
+    with pytest.raises(InvalidArgumentError, match="not an audio sink"):
+        receiver.add_sink(not_a_sink)  # type: ignore[arg-type]
+    assert receiver.sinks == []
+    await receiver.close()
 
 
 async def test_slow_consumer_is_bounded_and_counts_drops() -> None:

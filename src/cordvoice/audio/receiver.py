@@ -376,6 +376,13 @@ class Receiver:
         """Attach a sink; it gets every frame (with PCM if ``sink.wants_pcm``) until removed or closed."""
         if self._closed:
             raise InvalidArgumentError("the receiver is closed")
+        if not (
+            hasattr(sink, "wants_pcm")
+            and callable(getattr(sink, "write", None))
+            and callable(getattr(sink, "close", None))
+        ):
+            hint = " (record_to_directory returns a list: add each one)" if isinstance(sink, list) else ""
+            raise InvalidArgumentError(f"{sink!r} is not an audio sink{hint}")
         self._sinks.append(sink)
         if sink.wants_pcm:
             self._want_pcm(None, +1)
