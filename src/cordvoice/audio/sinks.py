@@ -595,9 +595,10 @@ def record_to_directory(
 ) -> list[AudioSink]:
     """The usual recording set in ``directory`` (``<user>.wav``, ``mixed.wav``, ``<user>.opus``), aligned.
 
-    Attach each with ``receiver.add_sink``. Pass ``start_time=loop.time()`` when recording starts, close them
-    with the same ``end_time`` to get WAV files exactly as long as the recording (the Ogg files end with the
-    last whole packet, which the receiver's closing flush can place up to its jitter delay past it).
+    Attach each with ``receiver.add_sink``. Pass ``start_time=time.monotonic()`` (the receiver's clock, which
+    uvloop's ``loop.time()`` is not) when recording starts, and close them with the same ``end_time`` to get
+    WAV files exactly as long as the recording (the Ogg files end with the last whole packet, which the
+    receiver's closing flush can place up to its jitter delay past it).
     """
     folder = _make_folder(directory)
     timeline = Timeline(start_time)
