@@ -297,6 +297,9 @@ class Session:
         self._receive_hook: ReceiveHook | None = None
         self._ssrc_users: dict[int, int] = {}
         self._speaking_task: asyncio.Task[None] | None = None
+        self._speaking_unsent = False
+        """An op 5 could not go out on the established session (no socket, or it died): a resume must send
+        it, since op 9 brings no Session Description (whose op 5 carries the current flags)."""
         self._verification_cache: dict[tuple[int | None, int], str] = {}
         self._player: Player | None = None
         self._receiver: Receiver | None = None
@@ -1074,6 +1077,7 @@ class Session:
         protocol.speaking_flags = self._flags if self._lane.speaking else 0
         self._protocol = protocol
         self._unsent = []
+        self._speaking_unsent = False  # its Session Description sends op 5 with the current flags
         self._creds_endpoint = vserver.endpoint
         self._creds_token = vserver.token
         self._session_server_gen = self._server_gen
@@ -1206,6 +1210,8 @@ class Session:
             unsent, self._unsent = self._unsent, []
             for frame in unsent:
                 await conn.send(frame)
+            if self._speaking_unsent:
+                self._speaking_unsent = not await conn.send(protocol.speaking(protocol.speaking_flags))
             self._last_close_code = None  # a later end must not report the code this resume recovered from
             self._policy.connection_ready(self._loop.time())
             self._set_state(SessionState.READY)
@@ -1325,9 +1331,10 @@ class Session:
         if protocol is None:
             return
         if conn is None or protocol.ssrc is None or not protocol.established:
-            protocol.speaking_flags = flags  # sent with the next Session Description
+            protocol.speaking_flags = flags  # sent with the next Session Description, or after a resume
+            self._speaking_unsent = protocol.established
             return
-        await conn.send(protocol.speaking(flags))
+        self._speaking_unsent = not await conn.send(protocol.speaking(flags))
 
     # ==== endings ===========================================================================================
 

@@ -144,6 +144,27 @@ async def test_client_resume_keeps_ssrc_and_audio(world: VoiceWorld, how: str) -
         assert emu.inspect(bot.user_id).rtp.lost == 0
 
 
+async def test_client_speaking_changed_during_a_resume_is_sent_after_it(world: VoiceWorld) -> None:
+    emu, bot = world.emu, world.bot
+    session, _ = await joined_with_listener(world)
+    await session.speaking(1)
+    await wait_until(lambda: emu.inspect(bot.user_id).speaking_flags[-1:] == [1])
+    changes: list[asyncio.Future[None]] = []
+
+    def stop_while_down(event: ReconnectingEvent) -> None:
+        if event.action is ReconnectAction.RESUME:  # no WebSocket is up now
+            changes.append(asyncio.ensure_future(session.speaking(0)))
+
+    session.on(ReconnectingEvent, stop_while_down)
+    resumed = expect(session, ResumedEvent)
+    await emu.voice_server(guild_id=world.guild.id).close_client(bot.user_id, 4015, "voice server crashed")
+    await resumed
+    await changes[0]
+    # op 9 brings no Session Description (whose op 5 carries the flags): the resume itself must send it.
+    await wait_until(lambda: emu.inspect(bot.user_id).speaking_flags == [0, 1, 0], 5)
+    assert session.stats.resumes == 1
+
+
 async def test_client_udp_lost_while_the_websocket_is_down_is_not_resumed(
     world: VoiceWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
