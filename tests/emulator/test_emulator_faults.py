@@ -201,6 +201,25 @@ async def test_move_to_another_voice_server(world: VoiceWorld, null_endpoint_fir
     await gateway.close()
 
 
+@pytest.mark.parametrize("pause", [-1.0, math.nan, math.inf])
+async def test_a_move_pause_that_is_negative_nan_or_endless_is_refused(
+    world: VoiceWorld, pause: float
+) -> None:
+    emu = world.emu
+    member = await emu.add_participant(world.stage.id, name="hal")
+    servers = set(emu.voice_server_handles)
+    async with asyncio.timeout(5):  # an endless pause left everyone on `endpoint: null` for good
+        with pytest.raises(InvalidArgumentError, match="pause"):
+            await emu.faults.move_client(member.user_id, null_endpoint_first=True, pause=pause)
+    assert member.connected and set(emu.voice_server_handles) == servers, "a refused fault touches nothing"
+    assert emu.faults.counts == {}
+    answer = await emu.control.handle(
+        f"/_emulator/fault?kind=move_guild&guild_id={world.guild.id}&pause={pause}",
+        f"Emulator {emu.control_token}",
+    )
+    assert answer.status == 400, answer.body
+
+
 async def test_inspect_shows_the_newest_session_after_a_move_and_a_leave(world: VoiceWorld) -> None:
     emu = world.emu
     first = await Participant.from_session(issue_session(emu, world.stage, "frank"))

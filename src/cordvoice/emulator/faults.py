@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from cordvoice.emulator.server import Emulator
     from cordvoice.emulator.voice_server import EmulatedVoiceServer
 
-__all__ = ["EXTENSION_PROFILE", "Faults", "Impairment", "ImpairmentConfig"]
+__all__ = ["EXTENSION_PROFILE", "Faults", "Impairment", "ImpairmentConfig", "check_move_pause"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,13 @@ _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
 _FIXED_HEADER = struct.Struct(">BBHII")
 _RTCP_HEADER = struct.Struct(">BBHI")
+
+
+def check_move_pause(pause: float) -> None:
+    """Refuse a move's pause that is negative or NaN (it meant nothing) or endless (members kept
+    ``endpoint: null`` for good, and the call never returned)."""
+    if not 0.0 <= pause < math.inf:
+        raise InvalidArgumentError(f"pause must be finite and >= 0 seconds, got {pause!r}")
 
 
 @dataclass(frozen=True)
@@ -312,6 +319,7 @@ class Faults:
         ``null_endpoint_first``, first ``endpoint: null`` and ``pause`` seconds later the new one); their old
         voice sockets close with 4022. Returns the new voice server.
         """
+        check_move_pause(pause)
         emu = self._emu
         current = emu.state.guild_voice_server(guild_id).id
         if server_id is None:

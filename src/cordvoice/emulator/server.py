@@ -47,7 +47,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from cordvoice.emulator.control import CONTROL_PREFIX, ControlApi
-from cordvoice.emulator.faults import Faults
+from cordvoice.emulator.faults import Faults, check_move_pause
 from cordvoice.emulator.inspection import ClientInspection
 from cordvoice.emulator.main_gateway_protocol import GatewayConnection, VoiceStateHook
 from cordvoice.emulator.main_gateway_server import MainGateway
@@ -461,6 +461,7 @@ class Emulator:
         With ``null_endpoint_first`` the members first get ``endpoint: null`` and, ``pause`` seconds later,
         the new endpoint. The voice side's hooks see cause SERVER_MOVE with the revoked and issued sessions.
         """
+        check_move_pause(pause)
         self.state.voice_server(server_id)
         if null_endpoint_first:
             self.announce_voice_server_lost(guild_id)
