@@ -34,7 +34,7 @@ from typing import Any
 from cordvoice import ReadyEvent, Session, SessionEvent, SessionState, Voice
 from cordvoice.audio.samples import demo_pcm, write_demo_ogg
 from cordvoice.emulator import Channel, Emulator, Guild, Participant, VoiceServerConfig
-from cordvoice.errors import VoiceError
+from cordvoice.errors import EmulatorError, VoiceError
 from cordvoice.gateway import Client
 from cordvoice.reconnect import ReconnectConfig
 
@@ -48,8 +48,9 @@ RECONNECT = ReconnectConfig(
     backoff_base=0.1, backoff_cap=2.0, move_wait=1.5, server_wait=5.0, rejoin_timeout=5.0, stable_after=10.0
 )
 VOICE_CONFIG = VoiceServerConfig(heartbeat_interval_ms=1000.0, resume_window=20.0)
-#: Close codes a bot's socket may get, with weights: mostly recoverable ones.
-BOT_CLOSE_CODES = [4015] * 4 + [1006, 4000, 4006, 4009, 4004, 4011] * 2 + [4001, 4002]
+#: Close codes a bot's socket may get, with weights: mostly recoverable ones. 1001 stands for the codes below
+#: 4000 (a proxy going away); 1006 is no close frame at all, which ``drop_bot`` does.
+BOT_CLOSE_CODES = [4015] * 4 + [1001, 4000, 4006, 4009, 4004, 4011] * 2 + [4001, 4002]
 #: Close codes that end a session for good (4014/4022: after ``move_wait`` without a move).
 BOT_FINAL_CODES = [4014, 4021, 4016, 4017, 4012, 4020, 4022]
 #: The catalogue, as the scheduler's kinds, with the weights of the random draws after the first round.
@@ -278,7 +279,7 @@ class ChaosWorld:
                 break
             try:
                 await self._inject()
-            except Exception as exc:  # a fault that could not be applied (target just left): logged
+            except EmulatorError as exc:  # the target just left: logged; a refused parameter fails the run
                 self.faults.append(FaultRecord(self.now(), "skipped", "", {"error": repr(exc)[:200]}))
         await self._restore_everything()
 

@@ -30,9 +30,10 @@ import pytest
 
 from cordvoice import DisconnectedEvent
 from cordvoice.audio.clock import get_clock
+from cordvoice.emulator.voice_protocol import check_close_code
 
 from .chaos_ledger import build_ledger
-from .chaos_world import CLIENT_BUG_CODES, ChaosWorld, freeze_listeners
+from .chaos_world import BOT_CLOSE_CODES, BOT_FINAL_CODES, CLIENT_BUG_CODES, ChaosWorld, freeze_listeners
 
 SEED = int(os.environ.get("CORDVOICE_CHAOS_SEED", "20261123"))
 MANUAL_SECONDS = float(os.environ.get("CORDVOICE_CHAOS_SECONDS", "300"))
@@ -192,6 +193,13 @@ async def _run_chaos(seconds: float, tmp_path: Path) -> dict[str, Any]:
     assert len(threads_after) <= len(threads_before), sorted(set(threads_after) - set(threads_before))
     assert get_clock().subscribers == 0, "every transmit lane left the shared clock"
     return report
+
+
+def test_every_close_code_the_run_draws_can_be_sent() -> None:
+    """A code the emulator refuses (1006: no close frame carries it) never reached a bot: each draw of it
+    was a refused fault, so the run did not exercise what the fault catalogue says."""
+    for code in sorted({*BOT_CLOSE_CODES, *BOT_FINAL_CODES}):
+        check_close_code(code)
 
 
 @pytest.mark.slow
