@@ -32,7 +32,7 @@ from cordvoice import Voice
 from cordvoice.audio.opus import OpusEncoder
 from cordvoice.audio.samples import demo_pcm, write_demo_ogg
 from cordvoice.gateway import Client
-from cordvoice.session import Session
+from cordvoice.session import Session, SessionState
 
 StartEmulator = Callable[[int], Awaitable[dict[str, Any]]]
 """The ``emulator_process`` fixture (tests/conftest.py)."""
@@ -80,6 +80,8 @@ class SoakReport:
     seconds: float
     warmup: float
     samples: list[Sample] = field(default_factory=list)
+    unhealthy: list[str] = field(default_factory=list)
+    """Sessions not ready, not in their DAVE group, or short of the full rate after warm-up, at the end."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -87,13 +89,36 @@ class SoakReport:
             "seconds": self.seconds,
             "warmup": self.warmup,
             "samples": [s.__dict__ for s in self.samples],
+            "unhealthy": self.unhealthy,
         }
 
 
+def _counts(session: Session) -> tuple[int, int]:
+    """(frames sent, packets received from the partner) of one session."""
+    stats = session.stats
+    return stats.frames_sent, sum(stats.received_per_ssrc.values())
+
+
 def _totals(sessions: list[Session]) -> tuple[int, int]:
-    sent = sum(s.stats.frames_sent for s in sessions)
-    received = sum(sum(s.stats.received_per_ssrc.values()) for s in sessions)
-    return sent, received
+    counts = [_counts(s) for s in sessions]
+    return sum(sent for sent, _ in counts), sum(received for _, received in counts)
+
+
+def _unhealthy(sessions: list[Session], warm: list[tuple[int, int]], window: float) -> list[str]:
+    """Each session on its own (the totals hide one that stopped): ready, in its DAVE group, and sending and
+    hearing its partner at 95% of the full rate (50 frames/s) since the warm-up."""
+    expected = 0.95 * 50 * window
+    problems = []
+    for index, (session, (sent_then, received_then)) in enumerate(zip(sessions, warm, strict=True)):
+        sent, received = _counts(session)
+        if session.state is not SessionState.READY or not session.dave_ready:
+            problems.append(f"session {index}: {session.state.value}, dave_ready={session.dave_ready}")
+        elif sent - sent_then < expected or received - received_then < expected:
+            problems.append(
+                f"session {index}: sent {sent - sent_then}, received {received - received_then} frames in "
+                f"{window:.1f} s after warm-up"
+            )
+    return problems
 
 
 async def _soak(
@@ -137,6 +162,7 @@ async def _soak(
                 session.wake()
         started = loop.time()
         warm: Sample | None = None
+        warm_counts: list[tuple[int, int]] = []
         while True:
             elapsed = loop.time() - started
             if elapsed >= seconds:
@@ -150,6 +176,9 @@ async def _soak(
             report.samples.append(sample)
             if warm is None and sample.t >= warmup:
                 warm = sample
+                warm_counts = [_counts(s) for s in sessions]
+        if warm is not None:
+            report.unhealthy = _unhealthy(sessions, warm_counts, report.samples[-1].t - warm.t)
         return report
     finally:
         for voice in voices:
@@ -187,12 +216,45 @@ def _check(report: SoakReport, sessions_expected: int) -> None:
     expected = sessions_expected * 50 * window
     assert end.frames_sent - warm.frames_sent >= 0.95 * expected
     assert end.received - warm.received >= 0.95 * expected
+    assert not report.unhealthy, f"{len(report.unhealthy)} sessions: {report.unhealthy[:10]}"
 
 
 @pytest.mark.slow
 async def test_soak_ci_100_sessions(tmp_path: Path, emulator_process: StartEmulator) -> None:
     report = await _soak(50, 100.0, 20.0, tmp_path, emulator_process)
     _check(report, 100)
+
+
+@pytest.mark.slow
+async def test_soak_fails_when_one_session_stops_sending(
+    tmp_path: Path, emulator_process: StartEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One quiet session out of 40 (and its partner hearing nothing) leaves the totals above 95%: the soak
+    must still fail, since it claims every session kept sending and hearing its partner."""
+    joined: list[Session] = []
+    join = Voice.join_channel
+
+    async def join_and_note(self: Voice, guild_id: int, channel_id: int, **options: Any) -> Session:
+        session = await join(self, guild_id, channel_id, **options)
+        joined.append(session)
+        return session
+
+    monkeypatch.setattr(Voice, "join_channel", join_and_note)
+
+    async def silence_one() -> None:
+        while len(joined) < 40 or not all(s.dave_ready for s in joined):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # everyone is streaming
+        next(s for s in joined if isinstance(s._lane.provider, LoopingFrames)).set_provider(None)
+        await asyncio.Event().wait()  # alive until cancelled: the task count stays as it was
+
+    silencer = asyncio.create_task(silence_one())
+    try:
+        report = await _soak(20, 12.0, 2.0, tmp_path, emulator_process)
+    finally:
+        silencer.cancel()
+    with pytest.raises(AssertionError, match="2 sessions: "):
+        _check(report, 40)
 
 
 @pytest.mark.manual
