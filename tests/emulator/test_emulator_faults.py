@@ -463,6 +463,20 @@ async def test_a_crafted_datagram_larger_than_udp_allows_is_refused(world: Voice
     assert emu.voice_server().media.counters["send_errors"] == 0
 
 
+@pytest.mark.parametrize("ssrc", [-1, 2**32])
+async def test_an_rtcp_sender_ssrc_outside_a_u32_is_refused(world: VoiceWorld, ssrc: int) -> None:
+    emu = world.emu
+    member = await emu.add_participant(world.stage.id, name="ida")
+    with pytest.raises(InvalidArgumentError, match="ssrc"):
+        emu.faults.inject_rtcp(member.user_id, ssrc=ssrc)
+    answer = await emu.control.handle(
+        f"/_emulator/fault?kind=inject_rtcp&user_id={member.user_id}&ssrc={ssrc}",
+        f"Emulator {emu.control_token}",
+    )
+    assert answer.status == 400, answer.body
+    assert emu.faults.counts == {}
+
+
 @pytest.mark.parametrize("interval", [-0.02, math.nan, math.inf])
 async def test_play_refuses_a_pace_it_cannot_keep(world: VoiceWorld, interval: float) -> None:
     speaker = await world.emu.add_participant(world.stage.id, name="ivy")

@@ -525,6 +525,8 @@ class Faults:
         """
         if not 200 <= packet_type <= 204:
             raise InvalidArgumentError("RTCP packet types are 200..204")
+        if not 0 <= ssrc <= _U32:
+            raise InvalidArgumentError("ssrc is a u32")
         media, endpoint = self._media_of(user_id, guild_id)
         count = 0
         if body is None:  # one report block: SSRC, loss fraction/total, highest seq, jitter, LSR, DLSR
