@@ -14,12 +14,14 @@ import math
 import statistics
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from cordvoice.emulator import Emulator, Participant
 from cordvoice.errors import ConnectionClosedError, EmulatorError, InvalidArgumentError
 from cordvoice.udp.rtp import parse_rtp
+from cordvoice.voicegateway.messages import DaveMlsProposals, ServerMessage
 
 from .emulator_helpers import (
     RawGateway,
@@ -30,6 +32,7 @@ from .emulator_helpers import (
     build_voice_world,
     classify,
     eventually,
+    exchange_audio,
     identify_payload,
     issue_session,
     opaque_frames,
@@ -104,6 +107,33 @@ async def test_crash_closes_everyone_with_4015_and_resumed_members_keep_hearing_
         assert seen.faults == {"crashed": 1}
     assert alice.epoch == bob.epoch == epoch, "the DAVE group survives a resume"
     assert emu.faults.counts["crash"] == 1 and emu.voice_server().stats.resumes == 2
+
+
+async def test_a_dave_reply_the_crash_cut_off_is_sent_after_the_resume(world: VoiceWorld) -> None:
+    """The server crashes right after proposing a newcomer: a member reads the proposals, but its commit meets
+    a closed socket. The resume will not replay the proposals (they were acknowledged), so the member must
+    send the commit once resumed, or the newcomer never joins the group."""
+    emu = world.emu
+    alice, bob = await asyncio.gather(
+        emu.add_participant(world.channel.id, name="alice", resume=True),
+        emu.add_participant(world.channel.id, name="bob", resume=True),
+    )
+    await wait_converged([alice, bob], emu)
+    crashed = asyncio.Event()
+    for member in (alice, bob):
+        handle = member._handle
+
+        async def crash_first(message: ServerMessage, handle: Any = handle) -> None:
+            if isinstance(message, DaveMlsProposals) and not crashed.is_set():
+                crashed.set()
+                await emu.faults.crash()  # the close frame now follows the proposals on both sockets
+            await handle(message)
+
+        member._handle = crash_first  # type: ignore[method-assign]
+    carol = await emu.add_participant(world.channel.id, name="carol", resume=True)
+    await wait_converged([alice, bob, carol], emu)
+    assert crashed.is_set() and alice.stats.resumed == bob.stats.resumed == 1
+    await exchange_audio([alice, bob, carol], 1)
 
 
 async def test_drop_client_cuts_tcp_and_a_resuming_member_comes_back(world: VoiceWorld) -> None:

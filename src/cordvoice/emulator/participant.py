@@ -329,6 +329,8 @@ class Participant:
         self._loop = asyncio.get_running_loop()
         self._dave = _DaveClient(user_id, channel_id, self.stats, check_user_ids)
         self._seq: int | None = None
+        self._unsent: list[ClientMessage] = []
+        """Replies the socket died under, sent again once a resume succeeds."""
         self._cipher: TransportCipher | None = None
         self._sender: RtpSender | None = None
         self._udp: asyncio.DatagramTransport | None = None
@@ -629,8 +631,16 @@ class Participant:
         await self._ws.send(encode_client(message))
 
     async def _send_all(self, messages: list[ClientMessage]) -> None:
-        for message in messages:
-            await self._send(message)
+        """Send replies in order; with ``resume``, those the socket died under go out once op 9 answers."""
+        for index, message in enumerate(messages):
+            try:
+                await self._send(message)
+            except ConnectionClosed:
+                if not self.resume:
+                    raise
+                # What prompted them is acknowledged, so the resume will not replay it: send them then.
+                self._unsent.extend(messages[index:])
+                return
 
     async def _read(self) -> None:
         try:
@@ -703,6 +713,8 @@ class Participant:
         elif isinstance(message, Resumed):
             self.stats.resumed += 1
             self._resume_attempts = 0
+            unsent, self._unsent = self._unsent, []
+            await self._send_all(unsent)
         elif isinstance(message, HeartbeatAck):
             self.stats.heartbeat_acks += 1
         elif isinstance(message, Ready):
@@ -710,8 +722,8 @@ class Participant:
             self._spawn(self._select_protocol(message))
         elif isinstance(message, SessionDescription):
             self._session_description(message)
-            await self._send(Speaking(speaking=SpeakingFlag.NONE, ssrc=self.ssrc))  # binds our SSRC
-            await self._send_all(dave.on_session_description(message.dave_protocol_version))
+            binding = Speaking(speaking=SpeakingFlag.NONE, ssrc=self.ssrc)  # binds our SSRC
+            await self._send_all([binding, *dave.on_session_description(message.dave_protocol_version)])
             self._described.set()
         elif isinstance(message, Speaking):
             if message.user_id is not None:
