@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from cordvoice.emulator import Emulator, Participant
+from cordvoice.emulator import participant as participant_module
 from cordvoice.errors import ConnectionClosedError, EmulatorError, InvalidArgumentError
 from cordvoice.udp.rtp import parse_rtp
 from cordvoice.voicegateway.messages import DaveMlsProposals, ServerMessage
@@ -134,6 +135,32 @@ async def test_a_dave_reply_the_crash_cut_off_is_sent_after_the_resume(world: Vo
     await wait_converged([alice, bob, carol], emu)
     assert crashed.is_set() and alice.stats.resumed == bob.stats.resumed == 1
     await exchange_audio([alice, bob, carol], 1)
+
+
+async def test_a_select_protocol_the_crash_cut_off_is_sent_after_the_resume(
+    world: VoiceWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server crashes while a joining member runs IP discovery: its Select Protocol meets the closed
+    socket. Once resumed it must still send it, or the handshake never ends."""
+    emu = world.emu
+    emu.faults.pause_udp()  # IP discovery waits
+    joining = asyncio.create_task(emu.add_participant(world.stage.id, name="lou", resume=True))
+    await eventually(lambda: emu.voice_server().stats.identifies == 1)
+    dial = participant_module._dial
+    redial = asyncio.Event()
+
+    async def gated_dial(*args: Any) -> Any:
+        await redial.wait()  # the old socket is closed, the new one not open yet
+        return await dial(*args)
+
+    monkeypatch.setattr(participant_module, "_dial", gated_dial)
+    await emu.faults.crash()
+    emu.faults.resume_udp()
+    await asyncio.sleep(0.7)  # discovery retries every 0.5 s: Select Protocol now meets the closed socket
+    redial.set()
+    async with asyncio.timeout(5):
+        lou = await joining
+    assert lou.mode is not None and lou.stats.resumed == 1 and lou.stats.dave_errors == {}
 
 
 async def test_drop_client_cuts_tcp_and_a_resuming_member_comes_back(world: VoiceWorld) -> None:

@@ -794,7 +794,7 @@ class Participant:
                 continue
         result = discovery.parse_response(response)
         mode = choose_mode(ready.modes)
-        await self._send(SelectProtocol(address=result.address, port=result.port, mode=mode))
+        await self._send_all([SelectProtocol(address=result.address, port=result.port, mode=mode)])
 
     async def _heartbeats(self, period: float) -> None:
         with contextlib.suppress(ConnectionClosed):
