@@ -163,6 +163,23 @@ async def test_a_select_protocol_the_crash_cut_off_is_sent_after_the_resume(
     assert lou.mode is not None and lou.stats.resumed == 1 and lou.stats.dave_errors == {}
 
 
+async def test_a_resuming_member_plays_right_after_a_crash(world: VoiceWorld) -> None:
+    """``play`` while the socket a crash closed is being resumed: its op 5 goes out with the resume, rather
+    than a ConnectionClosedError from a participant that is still connected."""
+    emu = world.emu
+    alice, bob = await asyncio.gather(
+        emu.add_participant(world.channel.id, name="alice", resume=True),
+        emu.add_participant(world.channel.id, name="bob", resume=True),
+    )
+    await wait_converged([alice, bob], emu)
+    await emu.faults.crash()
+    frames = opaque_frames(3, 10)
+    await alice.play(frames)
+    await bob.wait_for_frames(alice.user_id, 15)  # and the 5 silence frames
+    assert bob.payloads_from(alice.user_id) == frames and alice.stats.resumed == 1
+    await eventually(lambda: emu.inspect(alice.user_id).speaking_flags == [0, 1, 0])  # bound, then play's
+
+
 async def test_drop_client_cuts_tcp_and_a_resuming_member_comes_back(world: VoiceWorld) -> None:
     emu = world.emu
     carol = await emu.add_participant(world.stage.id, name="carol", resume=True)

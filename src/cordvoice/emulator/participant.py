@@ -330,7 +330,7 @@ class Participant:
         self._dave = _DaveClient(user_id, channel_id, self.stats, check_user_ids)
         self._seq: int | None = None
         self._unsent: list[ClientMessage] = []
-        """Replies the socket died under, sent again once a resume succeeds."""
+        """Messages (replies, play's op 5) the socket died under, sent once a resume succeeds."""
         self._cipher: TransportCipher | None = None
         self._sender: RtpSender | None = None
         self._udp: asyncio.DatagramTransport | None = None
@@ -844,6 +844,10 @@ class Participant:
             await self._ws.send(frame)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else None
+            resuming = self.resume and not self._closing and _resumable(code)
+            if resuming and not isinstance(message, str | bytes):
+                self._unsent.append(message)  # it goes out once op 9 answers the resume
+                return
             raise ConnectionClosedError(f"the voice socket closed (code {code})", code=code) from None
 
     async def _sleep_until(self, deadline: float) -> None:
