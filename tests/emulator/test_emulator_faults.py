@@ -180,6 +180,24 @@ async def test_a_resuming_member_plays_right_after_a_crash(world: VoiceWorld) ->
     await eventually(lambda: emu.inspect(alice.user_id).speaking_flags == [0, 1, 0])  # bound, then play's
 
 
+@pytest.mark.parametrize("resume", [False, True])
+async def test_a_crash_before_identify_fails_the_join_with_the_projects_error(
+    world: VoiceWorld, monkeypatch: pytest.MonkeyPatch, resume: bool
+) -> None:
+    emu = world.emu
+    dial = participant_module._dial
+
+    async def dial_then_crash(*args: Any) -> Any:
+        socket = await dial(*args)
+        await emu.faults.crash()  # closes the new socket too, before the participant's Identify
+        return socket
+
+    monkeypatch.setattr(participant_module, "_dial", dial_then_crash)
+    with pytest.raises(ConnectionClosedError) as closed:
+        await emu.add_participant(world.stage.id, name="max", resume=resume, timeout=5)
+    assert closed.value.code == 4015
+
+
 async def test_drop_client_cuts_tcp_and_a_resuming_member_comes_back(world: VoiceWorld) -> None:
     emu = world.emu
     carol = await emu.add_participant(world.stage.id, name="carol", resume=True)

@@ -389,16 +389,19 @@ class Participant:
             resume=resume,
         )
         participant.fail_next_commit(fail_commits)
+        identify = Identify(
+            server_id=server_id,
+            user_id=user_id,
+            session_id=session_id,
+            token=token,
+            max_dave_protocol_version=participant.max_dave_protocol_version,
+        )
         try:
-            await participant._send(
-                Identify(
-                    server_id=server_id,
-                    user_id=user_id,
-                    session_id=session_id,
-                    token=token,
-                    max_dave_protocol_version=participant.max_dave_protocol_version,
-                )
-            )
+            try:
+                await participant._send(identify)
+            except ConnectionClosed as exc:  # closed before Identify: there is no session to resume
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                raise ConnectionClosedError(f"the voice socket closed (code {code})", code=code) from None
             participant._reader = asyncio.create_task(
                 participant._read(), name=f"cordvoice-participant-{user_id}"
             )
