@@ -145,6 +145,12 @@ Spawn: TypeAlias = Callable[[Awaitable[None], str], object]
 logger = logging.getLogger(__name__)
 
 
+def check_snowflake(name: str, value: object) -> None:
+    """Raise InvalidArgumentError unless ``value`` is a Discord id: an int (not a bool) in 1..2**64-1."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 64:
+        raise InvalidArgumentError(f"{name} must be a positive integer snowflake, got {value!r}")
+
+
 def check_event_type(event_type: object) -> None:
     """Raise InvalidArgumentError unless ``event_type`` is a :class:`SessionEvent` class."""
     if not (isinstance(event_type, type) and issubclass(event_type, SessionEvent)):

@@ -61,6 +61,7 @@ from cordvoice.events import (
     SessionEvent,
     SpeakingEvent,
     check_event_type,
+    check_snowflake,
 )
 from cordvoice.gateway.adapter import VoiceAdapter
 from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
@@ -378,8 +379,7 @@ class Session:
         0.2-0.4 s and so stalls every session's audio in the process. Call it on demand (a user asked to
         verify), never on a timer; results are cached until the DAVE epoch changes.
         """
-        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id < 1 << 64:
-            raise InvalidArgumentError(f"user_id must be a positive integer snowflake, got {user_id!r}")
+        check_snowflake("user_id", user_id)
         protocol = self._protocol
         if protocol is None:
             return None

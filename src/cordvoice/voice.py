@@ -30,7 +30,7 @@ from cordvoice.errors import (
     JoinTimeoutError,
     VoiceError,
 )
-from cordvoice.events import SessionEvent
+from cordvoice.events import SessionEvent, check_snowflake
 from cordvoice.gateway.adapter import VoiceAdapter
 from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
 from cordvoice.reconnect import ReconnectConfig
@@ -152,8 +152,8 @@ class Voice:
         fails for good. A failed join leaves nothing behind.
         """
         self._check_open()
-        _check_id("guild_id", guild_id)
-        _check_id("channel_id", channel_id)
+        check_snowflake("guild_id", guild_id)
+        check_snowflake("channel_id", channel_id)
         wait = self.join_timeout if timeout is None else timeout
         if not 0 < wait < math.inf:
             raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -330,8 +330,3 @@ class Voice:
         except Exception:
             self.listener_errors += 1
             logger.exception("cordvoice failed to handle a main-gateway voice event")
-
-
-def _check_id(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 64:
-        raise InvalidArgumentError(f"{name} must be a positive integer snowflake, got {value!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import time
@@ -196,6 +197,30 @@ async def test_slow_consumer_is_bounded_and_counts_drops() -> None:
     assert slow.dropped == len(frames) - 5 and slow.delivered == len(frames)
     got = await collect(slow)
     assert [f.sequence for f in got] == list(range(len(frames) - 5, len(frames)))
+
+
+@pytest.mark.parametrize("user_id", [str(USER_A), 0, -1, 1 << 64, True, 701.0])
+async def test_listen_refuses_a_user_id_that_no_frame_can_match(user_id: object) -> None:
+    """A user id read from a config file or a command line is a str: it matched no frame, silently."""
+    receiver = Receiver(None)
+    try:
+        with pytest.raises(InvalidArgumentError, match="user_id"):
+            receiver.listen(user_id)  # type: ignore[arg-type]
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.parametrize("maxsize", [0, -1, math.nan, math.inf, 2.5, "10", True])
+async def test_streams_refuse_a_bound_that_is_not_a_positive_integer(maxsize: object) -> None:
+    """NaN compared false with the queue's length: the stream kept every frame, never dropping one."""
+    receiver = Receiver(None)
+    try:
+        with pytest.raises(InvalidArgumentError, match="maxsize"):
+            receiver.listen(maxsize=maxsize)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="maxsize"):
+            receiver.speaking_events(maxsize)  # type: ignore[arg-type]
+    finally:
+        await receiver.close()
 
 
 async def test_speaking_events_and_closed_streams_end() -> None:

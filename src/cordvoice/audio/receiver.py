@@ -51,6 +51,7 @@ from cordvoice.events import (
     DisconnectedEvent,
     MovedEvent,
     SpeakingEvent,
+    check_snowflake,
 )
 
 if TYPE_CHECKING:
@@ -99,8 +100,9 @@ class BoundedStream(Generic[T]):
     """
 
     def __init__(self, maxsize: int, detach: Callable[[BoundedStream[T]], None] | None = None) -> None:
-        if maxsize < 1:
-            raise InvalidArgumentError("maxsize must be at least 1")
+        # Not NaN, a float or a str: NaN compared false with the queue's length, so nothing was ever dropped.
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
+            raise InvalidArgumentError(f"maxsize must be an integer of at least 1, got {maxsize!r}")
         self.maxsize = maxsize
         self.dropped = 0
         """Items lost because the consumer fell ``maxsize`` behind."""
@@ -346,6 +348,8 @@ class Receiver:
         and full garbage collections of 40-66 ms (docs/benchmarks.md, receive) dropped frames there. Use
         ``maxsize=users * 50 * seconds`` for the pause to absorb.
         """
+        if user_id is not None:
+            check_snowflake("user_id", user_id)  # a str id (from a config file) would match no frame
         stream = FrameStream(maxsize, user_id, pcm, self._detach_frames)
         if self._closed:
             stream._finish()
