@@ -172,6 +172,8 @@ class EventHub:
     def on(self, event_type: type[E], handler: Callable[[E], Awaitable[None] | None]) -> Callable[[], None]:
         """Subscribe ``handler`` to ``event_type``; returns a callable that unsubscribes it."""
         check_event_type(event_type)
+        if not callable(handler):
+            raise InvalidArgumentError(f"an event handler must be callable, got {handler!r:.60}")
         handlers = self._handlers.setdefault(event_type, [])
         handlers.append(handler)
 

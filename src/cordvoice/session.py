@@ -602,6 +602,8 @@ class Session:
 
         The provider is pulled once per 20 ms tick; call :meth:`wake` when it gets data after running dry.
         """
+        if provider is not None and not callable(getattr(provider, "pull", None)):
+            raise InvalidArgumentError(f"a frame provider has a pull() method; got {type(provider).__name__}")
         self._lane.set_provider(provider if provider is not None else self._queue)
 
     def wake(self) -> None:
@@ -641,6 +643,8 @@ class Session:
         ``payload`` is transport-decrypted; in a DAVE call it is still a DAVE frame (decrypt it with
         ``session.dave.decrypt(user_id, payload)``, the user from :attr:`ssrc_users`).
         """
+        if hook is not None and not callable(hook):
+            raise InvalidArgumentError(f"a receive hook must be callable, got {type(hook).__name__}")
         self._receive_hook = hook
         if self._udp is not None:
             self._udp.receive_hook = hook

@@ -107,6 +107,14 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             await session.write("text")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
             session.on(int, print)  # type: ignore[arg-type]
+        # Not callable: each failed only when used (an event, a packet, a tick), far from the mistake.
+        with pytest.raises(InvalidArgumentError, match="handler"):
+            session.on(ReadyEvent, "print")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="hook"):
+            session.set_receive_hook(b"hook")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="provider"):
+            session.set_provider([b"\xfc\xff\xfe"])  # type: ignore[arg-type]
+        assert session.receive_hook is None
         with pytest.raises(InvalidArgumentError):
             await session.wait_for(int, timeout=1)  # type: ignore[type-var]
         for user_id in (-1, 0, 1 << 64, "9"):

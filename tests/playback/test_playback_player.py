@@ -540,6 +540,15 @@ async def test_closing_the_player_stops_tracks_and_closes_sources() -> None:
         player.play(b"")
 
 
+async def test_player_on_refuses_a_handler_that_cannot_be_called() -> None:
+    player = Player()
+    try:
+        with pytest.raises(InvalidArgumentError, match="handler"):
+            player.on(TrackEndEvent, None)  # type: ignore[arg-type]
+    finally:
+        player.close()
+
+
 async def test_start_threshold_constant_is_a_few_frames() -> None:
     assert 2 <= START_FRAMES <= 10
     assert SAMPLE_RATE == 48_000

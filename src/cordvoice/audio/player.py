@@ -377,6 +377,8 @@ class Player:
         """
         if not (isinstance(event_type, type) and issubclass(event_type, TrackEvent)):
             raise InvalidArgumentError("event_type must be TrackEvent or one of its subclasses")
+        if not callable(handler):
+            raise InvalidArgumentError(f"an event handler must be callable, got {handler!r:.60}")
         entry: tuple[type[TrackEvent], Callable[[Any], object]] = (event_type, handler)
         self._handlers.append(entry)
 
