@@ -142,6 +142,20 @@ def test_open_source_sniffs_containers_and_wraps_iterables(ogg: Path) -> None:
         open_source(42)  # type: ignore[arg-type]
 
 
+def test_open_source_refuses_a_kind_it_would_ignore(ogg: Path) -> None:
+    """Opus packets joined into bytes played as raw PCM (loud noise), and an unknown kind was ignored."""
+    packets = opus_packets(ogg)[:10]
+    for source in (b"".join(packets), io.BytesIO(b"".join(packets))):
+        with pytest.raises(InvalidArgumentError, match="kind"):
+            open_source(source, kind="opus")
+    for kind in ("Opus", "mp3", ""):
+        with pytest.raises(InvalidArgumentError, match="kind"):
+            open_source(bytes(FRAME_BYTES), kind=kind)  # type: ignore[arg-type]
+    # What kind="opus" is for still works: packets one by one, and a container (sniffed whatever the kind).
+    assert isinstance(open_source(packets, kind="opus"), FramesSource)
+    assert isinstance(open_source(ogg.read_bytes(), kind="opus"), AutoSource)
+
+
 def test_open_source_recognises_mp3_bytes_without_an_id3_tag(tmp_path: Path) -> None:
     # What TTS services return: bare MP3 frames. Taken for raw PCM, they played as loud noise.
     pcm = tone(440.0, 0.5)

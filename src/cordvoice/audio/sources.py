@@ -652,17 +652,29 @@ SourceLike: TypeAlias = (
 )
 
 
+def _check_not_opus(kind: SourceKind | None) -> None:
+    # Bytes that are not a container have no packet boundaries: played as PCM, Opus would be loud noise.
+    if kind == "opus":
+        raise InvalidArgumentError(
+            "kind='opus' needs the packets one by one (an iterable of 20 ms frames) or an Ogg/WebM/DCA "
+            "container; these bytes are neither"
+        )
+
+
 def open_source(source: SourceLike, *, kind: SourceKind | None = None) -> AudioSource | AsyncAudioSource:
     """Turn what a user passes to ``play()`` into a source, without blocking (nothing is opened yet).
 
     - an :class:`AudioSource` / :class:`AsyncAudioSource`: used as it is;
     - a path or URL: :class:`AutoSource` (DCA, Opus passthrough, or decoded);
     - bytes: raw PCM, unless they start with a container signature (Ogg, WebM/Matroska, DCA1, ID3, RIFF,
-      FLAC, MP4) or with two MP3 frames (MP3 without an ID3 tag), in which case they are parsed as that file;
+      FLAC, MP4) or with two MP3 frames (MP3 without an ID3 tag), in which case they are parsed as that file
+      (with ``kind="opus"`` they must be a container: joined packets have no boundaries);
     - a binary file object: the same sniffing when it is seekable, raw PCM otherwise;
     - an async iterable: :class:`AsyncFramesSource`; another iterable: :class:`FramesSource` (PCM chunks
       unless ``kind="opus"``).
     """
+    if kind not in (None, "opus", "pcm"):
+        raise InvalidArgumentError(f"kind must be 'opus' or 'pcm', got {kind!r}")
     if isinstance(source, AudioSource | AsyncAudioSource):
         return source
     if isinstance(source, str | os.PathLike):
@@ -671,6 +683,7 @@ def open_source(source: SourceLike, *, kind: SourceKind | None = None) -> AudioS
         head = bytes(source[:_SNIFF_BYTES])
         if kind != "pcm" and _looks_like_container(head):
             return AutoSource(io.BytesIO(bytes(source)))
+        _check_not_opus(kind)
         return PCMSource(source)
     if isinstance(source, io.IOBase) or (hasattr(source, "read") and hasattr(source, "seek")):
         file: IO[bytes] = source  # type: ignore[assignment]
@@ -680,6 +693,7 @@ def open_source(source: SourceLike, *, kind: SourceKind | None = None) -> AudioS
             file.seek(start)
             if _looks_like_container(head):
                 return AutoSource(file)
+        _check_not_opus(kind)
         return PCMSource(file)
     if isinstance(source, AsyncIterable):
         return AsyncFramesSource(source, kind=kind or "pcm")
