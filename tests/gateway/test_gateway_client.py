@@ -188,6 +188,26 @@ async def test_unreachable_gateway_fails_start_quickly() -> None:
             await client.start()
 
 
+async def test_a_start_that_times_out_while_the_socket_opens_returns_at_once() -> None:
+    """A gateway that accepts TCP and never answers the WebSocket handshake: start() gives up after its
+    ready_timeout, and close() (which start() runs) must not wait 5 s for the opening socket first."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = Client("token", gateway_url=url, ready_timeout=0.3)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(GatewayError, match="did not become ready"):
+            await client.start()
+        assert asyncio.get_running_loop().time() - started < 2.0
+        for writer in accepted:
+            writer.close()
+
+
 async def test_resume_after_a_drop_replays_missed_dispatches(world: World) -> None:
     emu = world.emu
     recorder = Recorder()

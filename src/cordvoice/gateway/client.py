@@ -324,7 +324,9 @@ class Client:
         task = self._task
         if task is not None and not task.done():
             try:
-                async with asyncio.timeout(5.0):
+                # With no socket open, the task is opening one (or backing off): nothing to close cleanly,
+                # and a handshake that hangs would otherwise hold close() for the whole 5 s.
+                async with asyncio.timeout(5.0 if ws is not None else 0):
                     await asyncio.shield(task)
             except (TimeoutError, Exception):
                 task.cancel()
