@@ -454,9 +454,30 @@ async def test_a_voice_state_update_waits_for_the_send_limit_beyond_the_request_
 
 
 def test_send_limit_is_validated() -> None:
-    for bad in ((0, 60.0), (10, 0.0), (10, float("nan"))):
+    for bad in ((0, 60.0), (10, 0.0), (10, float("nan")), "110/60", (110,)):
         with pytest.raises(InvalidArgumentError):
-            Client("token", gateway_url="ws://127.0.0.1:1", send_limit=bad)
+            Client("token", gateway_url="ws://127.0.0.1:1", send_limit=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("ready_timeout", float("nan")),  # no timeout at all: start() could wait forever
+        ("ready_timeout", 0.0),
+        ("request_timeout", -1.0),
+        ("request_timeout", float("nan")),
+        ("guild_ready_timeout", float("nan")),
+        ("guild_ready_timeout", -1.0),
+        ("backoff_base", float("nan")),
+        ("backoff_cap", float("nan")),
+        ("intents", "641"),  # failed inside the client's task, as 'a bug in cordvoice'
+        ("intents", -1),
+        ("intents", 1.5),
+    ],
+)
+def test_client_options_are_validated(option: str, value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=option):
+        Client("token", gateway_url="ws://127.0.0.1:1", **{option: value})  # type: ignore[arg-type]
 
 
 async def test_a_deeply_nested_message_is_dropped_and_the_client_goes_on() -> None:

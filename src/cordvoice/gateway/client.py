@@ -23,6 +23,7 @@ import contextlib
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import ssl as ssl_module
@@ -111,6 +112,16 @@ class GuildInfo:
     voice_states: dict[int, VoiceStateUpdate] = field(default_factory=dict)
 
 
+def _check_seconds(*, positive: bool = False, **waits: float) -> None:
+    for name, seconds in waits.items():
+        usable = (
+            isinstance(seconds, int | float) and 0 <= seconds < math.inf and (seconds > 0 or not positive)
+        )
+        if not usable:
+            which = "a positive number" if positive else "a number >= 0"
+            raise InvalidArgumentError(f"{name} must be {which} of seconds, got {seconds!r}")
+
+
 class _SendLimiter:
     """At most ``limit`` payloads per ``period`` seconds (Discord closes with 4008 above 120 per minute)."""
 
@@ -161,8 +172,15 @@ class Client:
     ) -> None:
         if not isinstance(token, str) or not token.strip():
             raise InvalidArgumentError("a bot token is required")
-        if backoff_base < 0 or backoff_cap < 0:
-            raise InvalidArgumentError("backoff_base and backoff_cap must be >= 0")
+        _check_seconds(
+            backoff_base=backoff_base, backoff_cap=backoff_cap, guild_ready_timeout=guild_ready_timeout
+        )
+        # A zero or negative wait fails at once; NaN waits forever (asyncio never fires its deadline).
+        _check_seconds(ready_timeout=ready_timeout, request_timeout=request_timeout, positive=True)
+        if not isinstance(intents, int) or isinstance(intents, bool) or not 0 <= intents < 1 << 53:
+            raise InvalidArgumentError(f"intents must be a non-negative integer bit set, got {intents!r}")
+        if send_limit is not None and not (isinstance(send_limit, tuple | list) and len(send_limit) == 2):
+            raise InvalidArgumentError(f"send_limit must be (payloads, seconds) or None, got {send_limit!r}")
         self._token = token.strip().removeprefix("Bot ")
         if not (self._token.isascii() and self._token.isprintable()) or " " in self._token:
             # Checked here: the HTTP client would raise a ValueError quoting the whole token.
