@@ -71,6 +71,13 @@ class Voice:
     ) -> None:
         if not isinstance(ssl, bool | ssl_module.SSLContext):
             raise InvalidArgumentError("ssl must be True, False or an ssl.SSLContext")
+        # Checked here: each failed only inside a session (its first reconnect, its UDP socket), far away.
+        if not isinstance(dave, bool):
+            raise InvalidArgumentError(f"dave must be True or False, got {dave!r}")
+        if reconnect is not None and not isinstance(reconnect, ReconnectConfig):
+            raise InvalidArgumentError(f"reconnect must be a ReconnectConfig, got {type(reconnect).__name__}")
+        if dial is not None and not callable(dial):
+            raise InvalidArgumentError(f"dial must be an async function (host, port) -> socket, got {dial!r}")
         if not isinstance(queue_frames, int) or isinstance(queue_frames, bool) or queue_frames < 1:
             raise InvalidArgumentError(f"queue_frames must be an integer of at least 1, got {queue_frames!r}")
         timeouts = {
@@ -81,9 +88,9 @@ class Voice:
         }
         for name, seconds in timeouts.items():
             # A zero, negative or NaN wait would fail every attempt and end as a misleading join timeout.
-            if not 0 < seconds < math.inf:
+            if not _is_number(seconds) or not 0 < seconds < math.inf:
                 raise InvalidArgumentError(f"{name} must be a positive number of seconds, got {seconds!r}")
-        if not 0 <= idle_grace < math.inf:
+        if not _is_number(idle_grace) or not 0 <= idle_grace < math.inf:
             raise InvalidArgumentError(f"idle_grace must be a number of seconds >= 0, got {idle_grace!r}")
         self._adapter = adapter
         self.join_timeout = join_timeout
@@ -155,7 +162,7 @@ class Voice:
         check_snowflake("guild_id", guild_id)
         check_snowflake("channel_id", channel_id)
         wait = self.join_timeout if timeout is None else timeout
-        if not 0 < wait < math.inf:
+        if not _is_number(wait) or not 0 < wait < math.inf:
             raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
         lock = self._joins.setdefault(guild_id, asyncio.Lock())
         async with lock:
@@ -330,3 +337,7 @@ class Voice:
         except Exception:
             self.listener_errors += 1
             logger.exception("cordvoice failed to handle a main-gateway voice event")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -142,9 +142,15 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
         ("idle_grace", math.inf),
         ("idle_grace", -0.5),
         ("queue_frames", 2.5),
+        ("join_timeout", "30"),
+        # Accepted, these failed only inside a session: the first reconnect or the UDP socket's opening
+        # ended it as "cordvoice failed internally".
+        ("reconnect", {"max_resumes": 1}),
+        ("dial", 5),
+        ("dave", "no"),
     ],
 )
-def test_client_voice_refuses_unusable_options(option: str, value: float) -> None:
+def test_client_voice_refuses_unusable_options(option: str, value: object) -> None:
     # Caught here, not as a join that "timed out" after its retries or a ValueError from deep in a join.
     with pytest.raises(InvalidArgumentError, match=option):
         Voice(FakeAdapter("x:1"), **{option: value})  # type: ignore[arg-type]
