@@ -280,12 +280,15 @@ def test_a_bad_filename_template_is_refused_when_the_sink_is_made(tmp_path: Path
         PerUserWavSink(tmp_path, filename=filename)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "12.5"])
 def test_a_start_or_end_that_is_not_a_time_is_refused(tmp_path: Path, bad: float) -> None:
     with pytest.raises(InvalidArgumentError, match="start_time"):
         WavSink(tmp_path / "a.wav", 1, start_time=bad)
     with pytest.raises(InvalidArgumentError, match="start"):
         Timeline(bad)
+    with pytest.raises(InvalidArgumentError, match="start_time"):
+        record_to_directory(tmp_path / "rec", start_time=bad)
+    assert not (tmp_path / "rec").exists()
     for sink in (WavSink(tmp_path / "b.wav", 1, start_time=0.0), MixedWavSink(tmp_path / "m.wav")):
         sink.write(frame(1, 0, 0.0, 5))
         with pytest.raises(InvalidArgumentError, match="end_time"):

@@ -93,8 +93,11 @@ class Timeline:
 
 
 def _check_time(value: float | None, name: str) -> float | None:
-    """``value`` if None or finite: NaN or infinity would fail later, at the first frame or the close."""
-    if value is not None and not math.isfinite(value):
+    """``value`` if None or a finite number: NaN, infinity or a str would fail later, at the first frame or
+    the close."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+    ):
         raise InvalidArgumentError(f"{name} must be a finite time (time.monotonic() seconds), not {value!r}")
     return value
 
@@ -600,8 +603,8 @@ def record_to_directory(
     WAV files exactly as long as the recording (the Ogg files end with the last whole packet, which the
     receiver's closing flush can place up to its jitter delay past it).
     """
+    timeline = Timeline(start_time)  # checked before a folder is made for a recording that cannot start
     folder = _make_folder(directory)
-    timeline = Timeline(start_time)
     sinks: list[AudioSink] = []
     if per_user_wav:
         sinks.append(PerUserWavSink(folder, timeline=timeline))
