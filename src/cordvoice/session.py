@@ -28,6 +28,7 @@ import contextlib
 import enum
 import ipaddress
 import logging
+import math
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -500,6 +501,10 @@ class Session:
         :class:`DisconnectedEvent`, the last one, is returned only if it is one and passes ``check``).
         """
         check_event_type(event_type)
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool) or math.isnan(timeout)
+        ):
+            raise InvalidArgumentError(f"timeout must be a number of seconds or None, got {timeout!r}")
         if self._final is not None:
             if isinstance(self._final, event_type) and (check is None or check(self._final)):
                 return self._final

@@ -117,6 +117,9 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
         assert session.receive_hook is None
         with pytest.raises(InvalidArgumentError):
             await session.wait_for(int, timeout=1)  # type: ignore[type-var]
+        for timeout in (math.nan, "5"):  # NaN waited forever: asyncio never reaches a NaN deadline
+            with pytest.raises(InvalidArgumentError, match="timeout"):
+                await asyncio.wait_for(session.wait_for(ReadyEvent, timeout=timeout), 2)  # type: ignore[arg-type]
         for user_id in (-1, 0, 1 << 64, "9"):
             with pytest.raises(InvalidArgumentError):
                 session.verification_code(user_id)  # type: ignore[arg-type]
