@@ -66,12 +66,19 @@ _LAZY = {
 }
 
 
+_SUBMODULES = frozenset({"audio", "dave", "discordpy", "emulator", "gateway", "udp", "voicegateway"})
+"""Reachable as ``cordvoice.<name>`` after a plain ``import cordvoice``, as the docs write
+``cordvoice.discordpy.VoiceClient``."""
+
+
 def __getattr__(name: str) -> Any:
+    import importlib  # noqa: PLC0415
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cordvoice.{name}")  # the import machinery sets the attribute
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cordvoice' has no attribute {name!r}")
-    import importlib  # noqa: PLC0415
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

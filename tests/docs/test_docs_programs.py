@@ -149,6 +149,16 @@ def test_the_documented_programs_pass_mypy_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_discordpy_voice_client_is_reachable_after_import_cordvoice() -> None:
+    """The README says "use ``cls=cordvoice.discordpy.VoiceClient`` and keep the rest": the rest imports
+    only ``cordvoice`` (run in a fresh interpreter, where nothing has imported the submodule yet)."""
+    code = "import cordvoice; print(cordvoice.discordpy.VoiceClient.__name__, cordvoice.audio.Track.__name__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.split() == ["VoiceClient", "Track"], result.stderr
+
+
 def _definitions(name: str) -> dict[str, Any]:
     """The imports, classes and functions of the program ``name``, without running it."""
     tree = ast.parse(named_block(name).code)
