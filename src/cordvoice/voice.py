@@ -184,6 +184,7 @@ class Voice:
         """Leave the guild's voice channel (no-op when not connected); also ends a join in progress."""
         # Not under the join lock: a leave must not wait for a join that may hang until its timeout, nor
         # deadlock with a DisconnectedEvent handler that joins again. Joins wait for self._leaving instead.
+        check_snowflake("guild_id", guild_id)  # a str id would be a silent no-op, the bot left in the channel
         session = self._sessions.pop(guild_id, None)
         if session is not None:
             self._leaving[guild_id] = session

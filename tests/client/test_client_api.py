@@ -101,6 +101,10 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             with pytest.raises(InvalidArgumentError, match="timeout"):
                 await voice.join_channel(GUILD, CHANNEL, timeout=timeout)
         session = await voice.join_channel(GUILD, CHANNEL)
+        # A str id (from a config file) was no session of this Voice: leave() returned, the bot stayed.
+        with pytest.raises(InvalidArgumentError, match="guild_id"):
+            await voice.leave(str(GUILD))  # type: ignore[arg-type]
+        assert not session.ending
         with pytest.raises(InvalidArgumentError):
             await session.write(b"")
         with pytest.raises(InvalidArgumentError):
