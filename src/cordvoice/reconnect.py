@@ -119,10 +119,16 @@ class ReconnectConfig:
     def __post_init__(self) -> None:
         waits = ("backoff_base", "backoff_cap", "move_wait", "server_wait", "rejoin_timeout", "stable_after")
         for name in waits:
-            if not getattr(self, name) >= 0:  # NaN too
-                raise InvalidArgumentError(f"ReconnectConfig.{name} must be >= 0")
-        if self.max_resumes < 0 or self.max_rejoins < 0:
-            raise InvalidArgumentError("ReconnectConfig.max_resumes and max_rejoins must be >= 0")
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value >= 0:  # NaN too
+                raise InvalidArgumentError(f"ReconnectConfig.{name} must be a number >= 0, got {value!r}")
+        if not self.rejoin_timeout > 0:  # no answer can come in no time: every rejoin would fail
+            raise InvalidArgumentError("ReconnectConfig.rejoin_timeout must be > 0")
+        for name in ("max_resumes", "max_rejoins"):
+            # Counts compare against it: NaN never compared true, so the budget never ran out.
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgumentError(f"ReconnectConfig.{name} must be an integer >= 0, got {value!r}")
 
 
 _RESUMABLE_KINDS = frozenset({EndKind.NETWORK, EndKind.ZOMBIE, EndKind.HANDSHAKE_TIMEOUT})

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cordvoice.errors import DaveRequiredError, DisconnectedError
+from cordvoice.errors import DaveRequiredError, DisconnectedError, InvalidArgumentError
 from cordvoice.events import ReconnectAction
 from cordvoice.reconnect import ConnectionEnd, EndKind, ReconnectConfig, ReconnectPolicy
 
@@ -186,3 +186,19 @@ def test_client_policy_resume_storm_ends() -> None:
     resumes = sum(d.action is RESUME for d in decisions)
     rejoins = sum(d.action is REJOIN for d in decisions)
     assert (resumes, rejoins) == (p.config.max_resumes * (p.config.max_rejoins + 1), p.config.max_rejoins)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_resumes", float("nan")),  # compared false with every count: resumes without end
+        ("max_rejoins", float("nan")),
+        ("max_rejoins", 2.5),
+        ("max_resumes", "5"),
+        ("rejoin_timeout", 0.0),  # every rejoin "got no answer" at once: the session gave up on a 4006
+        ("backoff_base", "1"),
+    ],
+)
+def test_client_policy_config_refuses_unusable_values(option: str, value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=option):
+        ReconnectConfig(**{option: value})  # type: ignore[arg-type]
