@@ -179,6 +179,21 @@ def test_bad_input_raises_audio_or_argument_errors() -> None:
         OpusEncoder(application="music")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("bitrate", 64e3), ("complexity", 5.5), ("expected_loss", 10.0)]
+)
+def test_encoder_settings_must_be_integers(option: str, value: float) -> None:
+    """A float (64e3) passed the range check; libopus's ctl then raised TypeError at the first frame."""
+    with pytest.raises(InvalidArgumentError, match=option):
+        OpusEncoder(**{option: value})  # type: ignore[arg-type]
+    with OpusEncoder() as encoder:
+        setter = {"bitrate": encoder.set_bitrate, "expected_loss": encoder.set_expected_loss}.get(option)
+        if setter is not None:
+            with pytest.raises(InvalidArgumentError, match=option):
+                setter(value)  # type: ignore[arg-type]
+        assert len(encoder.encode(bytes(FRAME_BYTES))) > 0
+
+
 def test_closed_codecs_refuse_work() -> None:
     encoder = OpusEncoder()
     encoder.close()

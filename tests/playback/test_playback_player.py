@@ -549,6 +549,20 @@ async def test_player_on_refuses_a_handler_that_cannot_be_called() -> None:
         player.close()
 
 
+async def test_player_encoder_settings_must_be_integers() -> None:
+    """``player.bitrate = 64e3`` was taken, and every track then failed: "mixing failed: TypeError"."""
+    for option in ("bitrate", "complexity", "expected_loss"):
+        with pytest.raises(InvalidArgumentError, match=option):
+            Player(**{option: 64e3 if option == "bitrate" else 5.0})  # type: ignore[arg-type]
+    player = Player()
+    try:
+        with pytest.raises(InvalidArgumentError, match="bitrate"):
+            player.bitrate = 64e3  # type: ignore[assignment]
+        assert player.bitrate == 96_000
+    finally:
+        player.close()
+
+
 async def test_start_threshold_constant_is_a_few_frames() -> None:
     assert 2 <= START_FRAMES <= 10
     assert SAMPLE_RATE == 48_000

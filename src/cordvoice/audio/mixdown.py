@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from typing import Final, NamedTuple, TypeAlias
 
 from cordvoice.audio.mixer import mix
-from cordvoice.audio.opus import OpusDecoder, OpusEncoder
+from cordvoice.audio.opus import OpusDecoder, OpusEncoder, check_setting
 from cordvoice.audio.pcm import FRAME_BYTES, SILENCE_FRAME
-from cordvoice.errors import AudioError, InvalidArgumentError
+from cordvoice.errors import AudioError
 
 __all__ = ["DecoderSlot", "EncoderSlot", "MixFrame", "MixInput", "render"]
 
@@ -67,10 +67,8 @@ class EncoderSlot:
 
     def __init__(self, *, bitrate: int, fec: bool, expected_loss: int, complexity: int) -> None:
         check_bitrate(bitrate)
-        if not 0 <= expected_loss <= 100:
-            raise InvalidArgumentError("expected_loss is a percentage between 0 and 100")
-        if not 0 <= complexity <= 10:
-            raise InvalidArgumentError("complexity must be between 0 and 10")
+        check_setting("expected_loss", expected_loss, 0, 100, " (percent)")
+        check_setting("complexity", complexity, 0, 10)
         self.bitrate = bitrate
         self.fec = fec
         self.expected_loss = expected_loss
@@ -106,8 +104,7 @@ class EncoderSlot:
 
 
 def check_bitrate(bitrate: int) -> None:
-    if not MIN_BITRATE <= bitrate <= MAX_BITRATE:
-        raise InvalidArgumentError(f"bitrate must be between {MIN_BITRATE} and {MAX_BITRATE} bit/s")
+    check_setting("bitrate", bitrate, MIN_BITRATE, MAX_BITRATE, " bit/s")
 
 
 class MixInput(NamedTuple):

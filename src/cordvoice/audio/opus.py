@@ -345,8 +345,7 @@ class OpusEncoder(_OpusCodec):
             raise InvalidArgumentError(f"signal must be one of {sorted(_SIGNALS)}")
         if vbr not in ("constrained", "unconstrained", "off"):
             raise InvalidArgumentError("vbr must be 'constrained', 'unconstrained' or 'off'")
-        if not 0 <= complexity <= 10:
-            raise InvalidArgumentError("complexity must be between 0 and 10")
+        check_setting("complexity", complexity, 0, 10)
         _check_bitrate(bitrate)
         _check_loss(expected_loss)
         self._bitrate = bitrate
@@ -513,14 +512,18 @@ class OpusEncoder(_OpusCodec):
         )
 
 
+def check_setting(name: str, value: int, low: int, high: int, unit: str = "") -> None:
+    """An encoder setting: an int (not a float, which libopus's ctl refuses at the first frame) in range."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidArgumentError(f"{name} must be an integer between {low} and {high}{unit}, got {value!r}")
+
+
 def _check_bitrate(bitrate: int) -> None:
-    if not 6_000 <= bitrate <= 510_000:
-        raise InvalidArgumentError("bitrate must be between 6000 and 510000 bit/s")
+    check_setting("bitrate", bitrate, 6_000, 510_000, " bit/s")
 
 
 def _check_loss(percent: int) -> None:
-    if not 0 <= percent <= 100:
-        raise InvalidArgumentError("expected_loss must be a percentage between 0 and 100")
+    check_setting("expected_loss", percent, 0, 100, " (percent)")
 
 
 class _PyAVEncoder:
