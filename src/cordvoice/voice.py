@@ -69,6 +69,15 @@ class Voice:
         discovery_timeout: float = 5.0,
         idle_grace: float = 0.2,
     ) -> None:
+        # By the class: reading an instance's user_id may raise before login (isinstance would read it).
+        if not all(
+            callable(getattr(type(adapter), name, None)) for name in ("set_listener", "update_voice_state")
+        ):
+            raise InvalidArgumentError(
+                f"Voice takes a VoiceAdapter (cordvoice.gateway.Client or your own), not a "
+                f"{type(adapter).__name__}; with discord.py use Voice.from_discordpy(client) or "
+                "channel.connect(cls=cordvoice.discordpy.VoiceClient)"
+            )
         if not isinstance(ssl, bool | ssl_module.SSLContext):
             raise InvalidArgumentError("ssl must be True, False or an ssl.SSLContext")
         # Checked here: each failed only inside a session (its first reconnect, its UDP socket), far away.

@@ -165,6 +165,15 @@ def test_client_voice_refuses_unusable_options(option: str, value: object) -> No
         ReconnectConfig(move_wait=math.nan)
 
 
+def test_client_voice_refuses_what_is_not_an_adapter() -> None:
+    """``Voice(bot)`` with a discord.py bot was an AttributeError ('set_listener') pointing nowhere."""
+    import discord  # noqa: PLC0415 - optional dependency, installed for the tests
+
+    for adapter in (discord.Client(intents=discord.Intents.none()), "token", None):
+        with pytest.raises(InvalidArgumentError, match="from_discordpy"):
+            Voice(adapter)  # type: ignore[arg-type]
+
+
 async def test_client_context_managers_and_concurrent_disconnects(loop_errors: LoopErrors) -> None:
     async with RawVoiceServer() as server:
         adapter = FakeAdapter(server.endpoint)
