@@ -540,6 +540,7 @@ class Session:
 
     async def speaking(self, flags: int = SpeakingFlag.MICROPHONE) -> None:
         """Send op 5 with ``flags`` (0 stops the indicator). Writing audio turns speaking on by itself."""
+        self._check_loop()
         self._check_open()
         if not isinstance(flags, int) or not 0 <= flags <= 0xFFFF_FFFF:
             # Sent as is, the server would refuse it (4020) and end the session.
@@ -553,6 +554,7 @@ class Session:
 
         Raises :class:`~cordvoice.errors.DisconnectedError` once the session has ended.
         """
+        self._check_loop()
         self._check_open()
         if not isinstance(opus_frame, bytes | bytearray | memoryview):
             raise InvalidArgumentError(
@@ -568,6 +570,7 @@ class Session:
 
     async def stop_speaking(self) -> None:
         """Send every queued frame, then five silence frames on the clock, then op 5 with speaking 0."""
+        self._check_loop()
         if self._final is not None:
             return
         await self._lane.stop()
@@ -592,6 +595,7 @@ class Session:
 
     def play(self, source: SourceLike, **options: Any) -> Track:
         """Play ``source`` now (mixed with anything else playing): ``self.player.play(source, **options)``."""
+        self._check_loop()
         self._check_open()
         return self.player.play(source, **options)
 
@@ -636,6 +640,7 @@ class Session:
 
         ``async with session.listen() as frames: async for frame in frames: ...``
         """
+        self._check_loop()
         return self.receiver.listen(user_id, pcm=pcm, maxsize=maxsize)
 
     @property
@@ -673,6 +678,7 @@ class Session:
 
     async def disconnect(self) -> None:
         """Leave the voice channel and close everything (idempotent; concurrent calls share one leave)."""
+        self._check_loop()
         if self._final is None:
             if self._leaving is None:
                 self._leaving = self._loop.create_task(self._leave(), name="cordvoice-session-leave")
@@ -1413,6 +1419,19 @@ class Session:
         if final is None:
             return DisconnectedError("the voice session is closing")
         return DisconnectedError(f"the voice session has ended: {final.reason}", code=final.close_code)
+
+    def _check_loop(self) -> None:
+        """A session's methods run on its event loop: from another thread (or loop) they would race its
+        tasks, and a wait there is never woken (``asyncio.run(session.write(...))`` on a worker hung)."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise VoiceError(
+                "call the session from its own event loop; from another thread, use "
+                "asyncio.run_coroutine_threadsafe(session.write(frame), loop) or loop.call_soon_threadsafe"
+            )
 
     def _check_open(self) -> None:
         if self._final is not None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import ssl
+import threading
 from dataclasses import replace
 
 import pytest
@@ -172,6 +173,33 @@ def test_client_voice_refuses_what_is_not_an_adapter() -> None:
     for adapter in (discord.Client(intents=discord.Intents.none()), "token", None):
         with pytest.raises(InvalidArgumentError, match="from_discordpy"):
             Voice(adapter)  # type: ignore[arg-type]
+
+
+async def test_client_session_used_from_another_thread_says_so(loop_errors: LoopErrors) -> None:
+    """``asyncio.run(session.write(frame))`` on a worker thread (a discord.py habit) hung that thread for
+    good once the queue was full; ``session.play`` there raised a bare RuntimeError."""
+    async with RawVoiceServer() as server, make_voice(FakeAdapter(server.endpoint)) as voice:
+        session = await voice.join_channel(GUILD, CHANNEL)
+        errors: list[BaseException] = []
+
+        async def write_some() -> None:
+            for _ in range(20):  # more than the queue holds
+                await session.write(b"\xfc\xff\xfe")
+
+        def worker() -> None:
+            for call in (lambda: asyncio.run(write_some()), lambda: session.play(b"\x00" * 3840)):
+                try:
+                    call()
+                except BaseException as exc:
+                    errors.append(exc)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        await asyncio.to_thread(thread.join, 5)
+        assert not thread.is_alive(), "the worker thread hung in session.write"
+        assert [type(e) for e in errors] == [VoiceError, VoiceError], errors
+        assert all("event loop" in str(e) for e in errors)
+        assert session.queued_frames == 0 and session.state is SessionState.READY
 
 
 async def test_client_context_managers_and_concurrent_disconnects(loop_errors: LoopErrors) -> None:
