@@ -16,6 +16,7 @@ from cordvoice.audio.opus import OPUS_SILENCE, OpusDecoder, OpusEncoder
 from cordvoice.audio.pcm import iter_frames
 from cordvoice.audio.receive_pipeline import VoiceFrame
 from cordvoice.audio.sinks import (
+    CallbackSink,
     MixedWavSink,
     OggOpusSink,
     PerUserOggSink,
@@ -308,3 +309,17 @@ def test_a_sink_for_the_first_user_heard_is_not_taken_by_silence_frames(tmp_path
     assert wav.user_id == ogg.user_id == 2
     assert samples(tmp_path / "first.wav")[-960:].tolist() == [7] * 960
     assert av_packets(tmp_path / "first.opus")[-1] == b"\xfc\x00\x01\x02"
+
+
+def test_one_user_sinks_refuse_a_user_id_no_frame_can_match(tmp_path: Path) -> None:
+    """``WavSink(path, user_id="42")`` (an id read from a config file) wrote an empty file, silently."""
+    for make in (
+        lambda: WavSink(tmp_path / "a.wav", "42"),  # type: ignore[arg-type]
+        lambda: OggOpusSink(tmp_path / "a.opus", "42"),  # type: ignore[arg-type]
+        lambda: CallbackSink(print, user_id="42"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidArgumentError, match="user_id"):
+            make()
+    assert list(tmp_path.iterdir()) == [], "no file is left behind"
+    with pytest.raises(InvalidArgumentError, match="callback"):
+        CallbackSink("print")  # type: ignore[arg-type]

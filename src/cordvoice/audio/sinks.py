@@ -32,6 +32,7 @@ from cordvoice.audio.oggwriter import OggOpusWriter
 from cordvoice.audio.pcm import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE, SAMPLE_WIDTH, as_array
 from cordvoice.audio.receive_pipeline import VoiceFrame
 from cordvoice.errors import AudioError, InvalidArgumentError
+from cordvoice.events import check_snowflake
 
 __all__ = [
     "AudioSink",
@@ -100,6 +101,12 @@ def _check_time(value: float | None, name: str) -> float | None:
     ):
         raise InvalidArgumentError(f"{name} must be a finite time (time.monotonic() seconds), not {value!r}")
     return value
+
+
+def _check_user(user_id: int | None) -> int | None:
+    if user_id is not None:
+        check_snowflake("user_id", user_id)  # a str id (from a config file) would match no frame
+    return user_id
 
 
 def _make_folder(directory: str | os.PathLike[str]) -> Path:
@@ -226,7 +233,7 @@ class WavSink:
         timeline: Timeline | None = None,
     ) -> None:
         self.path = Path(path)
-        self.user_id = user_id
+        self.user_id = _check_user(user_id)
         self._timeline = timeline or Timeline(start_time)
         self._writer: _WavFile | None = _WavFile(self.path)
         self._final_samples = 0
@@ -406,7 +413,7 @@ class OggOpusSink:
         timeline: Timeline | None = None,
     ) -> None:
         self.path = Path(path)
-        self.user_id = user_id
+        self.user_id = _check_user(user_id)
         self._timeline = timeline or Timeline(start_time)
         self._writer: OggOpusWriter | None = OggOpusWriter(self.path, pre_skip=0)
         self._final_samples = 0
@@ -567,9 +574,11 @@ class CallbackSink:
     def __init__(
         self, callback: Callable[[VoiceFrame], object], *, pcm: bool = False, user_id: int | None = None
     ) -> None:
+        if not callable(callback):
+            raise InvalidArgumentError(f"callback must be callable, got {callback!r:.60}")
         self._callback = callback
         self.wants_pcm = pcm
-        self.user_id = user_id
+        self.user_id = _check_user(user_id)
         self.errors = 0
         self.calls = 0
 
