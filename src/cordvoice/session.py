@@ -38,9 +38,12 @@ from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar
 import davey
 
 from cordvoice.audio.clock import get_clock
+from cordvoice.audio.opus import packet_samples
+from cordvoice.audio.pcm import FRAME_SAMPLES
 from cordvoice.audio.transmit import FrameProvider, FrameQueue, TransmitLane
 from cordvoice.dave.session import DaveClient
 from cordvoice.errors import (
+    AudioError,
     DaveRequiredError,
     DisconnectedError,
     GatewayError,
@@ -552,7 +555,8 @@ class Session:
     async def write(self, opus_frame: bytes) -> None:
         """Queue one 20 ms Opus frame; waits while the small queue is full (paced by the shared clock).
 
-        Raises :class:`~cordvoice.errors.DisconnectedError` once the session has ended.
+        Raises :class:`~cordvoice.errors.DisconnectedError` once the session has ended, and
+        :class:`~cordvoice.errors.InvalidArgumentError` for bytes that are not one 20 ms Opus packet.
         """
         self._check_loop()
         self._check_open()
@@ -563,6 +567,17 @@ class Session:
         frame = bytes(opus_frame)
         if not frame:
             raise InvalidArgumentError("write() got an empty frame")
+        try:
+            samples = packet_samples(frame)
+        except AudioError:
+            samples = 0
+        if samples != FRAME_SAMPLES:
+            # Sent as is, PCM (the usual mix-up) decodes for nobody, and a 40/60 ms packet every 20 ms plays
+            # too fast for the listeners.
+            raise InvalidArgumentError(
+                f"write() takes one 20 ms Opus frame; these {len(frame)} bytes are not one "
+                f"({samples / 48:g} ms by their first byte): for PCM use session.play(pcm)"
+            )
         if self._lane.provider is not self._queue:
             self._lane.set_provider(self._queue)
         await self._queue.put(frame)

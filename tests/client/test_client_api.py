@@ -110,6 +110,12 @@ async def test_client_invalid_arguments(loop_errors: LoopErrors) -> None:
             await session.write(b"")
         with pytest.raises(InvalidArgumentError):
             await session.write("text")  # type: ignore[arg-type]
+        # 20 ms of PCM (the usual mix-up), a 40 ms Opus packet, a 10 ms one: sent as they were, nobody could
+        # decode the PCM and the others played at the wrong speed.
+        for frame in (bytes(3840), b"\xfd\x03" + bytes(60), b"\xf4" + bytes(60)):
+            with pytest.raises(InvalidArgumentError, match="20 ms"):
+                await session.write(frame)
+        assert session.queued_frames == 0
         with pytest.raises(InvalidArgumentError):
             session.on(int, print)  # type: ignore[arg-type]
         # Not callable: each failed only when used (an event, a packet, a tick), far from the mistake.
