@@ -168,6 +168,7 @@ class Voice:
         fails for good. A failed join leaves nothing behind.
         """
         self._check_open()
+        self._check_loop()
         check_snowflake("guild_id", guild_id)
         check_snowflake("channel_id", channel_id)
         wait = self.join_timeout if timeout is None else timeout
@@ -194,6 +195,7 @@ class Voice:
         # Not under the join lock: a leave must not wait for a join that may hang until its timeout, nor
         # deadlock with a DisconnectedEvent handler that joins again. Joins wait for self._leaving instead.
         check_snowflake("guild_id", guild_id)  # a str id would be a silent no-op, the bot left in the channel
+        self._check_loop()
         session = self._sessions.pop(guild_id, None)
         if session is not None:
             self._leaving[guild_id] = session
@@ -201,6 +203,7 @@ class Voice:
 
     async def close(self) -> None:
         """Leave every channel and stop listening to the adapter."""
+        self._check_loop()
         self._closed = True
         # Leaves already under way too: once close() returns, the bot may close its gateway, and a leave whose
         # op 4 has not gone out by then would leave the bot in the channel on Discord.
@@ -318,6 +321,11 @@ class Voice:
     def _check_open(self) -> None:
         if self._closed:
             raise VoiceError("this Voice is closed")
+
+    def _check_loop(self) -> None:
+        """Raise, before anything changes, when called off the event loop its sessions run on."""
+        for session in (*self._sessions.values(), *self._leaving.values()):
+            session._check_loop()
 
     # ---- VoiceEventListener ----------------------------------------------------------------------
 

@@ -206,6 +206,11 @@ async def test_client_session_used_from_another_thread_says_so(loop_errors: Loop
         assert [type(e) for e in errors] == [VoiceError, VoiceError], errors
         assert all("event loop" in str(e) for e in errors)
         assert session.queued_frames == 0 and session.state is SessionState.READY
+        # The Voice too, before it forgets the session: a leave or close from there changed nothing.
+        for call in (voice.leave(GUILD), voice.close(), voice.join_channel(GUILD, OTHER_CHANNEL)):
+            with pytest.raises(VoiceError, match="event loop"):
+                await asyncio.to_thread(asyncio.run, call)
+        assert voice.session(GUILD) is session and not session.ending and not voice.closed
 
 
 async def test_client_context_managers_and_concurrent_disconnects(loop_errors: LoopErrors) -> None:
