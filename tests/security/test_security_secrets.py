@@ -121,6 +121,8 @@ async def test_secrets_never_appear_across_a_full_session(
             await session.stop_speaking()
 
             exposed += [repr(session), str(session), repr(voice), repr(client), repr(session.stats)]
+            # The client's guild cache: voice states carry the session id Identify and Resume need.
+            exposed += [repr(client.voice_state(guild.id, bot.user_id)), repr(client.guilds)]
             exposed += [repr(session.dave), repr(listener), repr(second), repr(server), repr(emu)]
             exposed += [repr(e) for e in events] + [str(e) for e in events]
             exposed += [repr(u) for u in server_updates]

@@ -78,7 +78,9 @@ class VoiceStateUpdate:
     guild_id: int
     channel_id: int | None
     user_id: int
-    session_id: str
+    session_id: str = field(repr=False)
+    """With the voice token, what Identify and Resume need (and the main gateway's session id): kept out of
+    reprs and so out of logs, like the token."""
     self_mute: bool = False
     self_deaf: bool = False
     mute: bool = False

@@ -108,7 +108,7 @@ class GatewayProtocol:
         """The zlib stream of this socket is unusable (corrupt or oversized message): reconnect."""
 
     def __repr__(self) -> str:  # the token must never reach a log line
-        return f"<GatewayProtocol session={self.session_id!r} seq={self.seq}>"
+        return f"<GatewayProtocol session={self.session_id is not None} seq={self.seq}>"
 
     @property
     def can_resume(self) -> bool:
