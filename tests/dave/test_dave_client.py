@@ -57,6 +57,15 @@ def test_lifecycle_events_and_codes() -> None:
     assert a.pending_transitions == {}
 
 
+def test_a_code_for_someone_outside_the_group_is_none_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    """Documented as None; it also logged a WARNING and counted a DAVE failure (davey's UserNotInGroup)."""
+    a = _group(1, 2).members[1].client
+    with caplog.at_level(logging.DEBUG, logger="cordvoice.dave"):
+        assert a.verification_code(99) is None
+    assert not a.stats.failures and a.stats.last_error is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_no_opus_before_the_group_is_ready() -> None:
     client = DaveClient()
     assert client.encrypt(OPUS) == OPUS  # before op 4 nothing is known: transport only

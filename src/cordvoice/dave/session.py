@@ -268,6 +268,8 @@ class DaveClient:
         """The 45-digit pairwise verification code with ``user_id``, or None if it is not in the group."""
         if not self._ready or self._session is None:
             return None
+        if user_id not in self.member_ids:  # an expected None, not a DAVE failure to warn about and count
+            return None
         try:
             return self._session.get_verification_code(user_id)
         except ValueError as exc:
