@@ -473,6 +473,9 @@ def test_send_limit_is_validated() -> None:
         ("intents", "641"),  # failed inside the client's task, as 'a bug in cordvoice'
         ("intents", -1),
         ("intents", 1.5),
+        # Voice's ssl=True means "verified TLS"; here it failed inside urllib at start() (AttributeError).
+        ("ssl", True),
+        ("ssl", "cert.pem"),
     ],
 )
 def test_client_options_are_validated(option: str, value: object) -> None:

@@ -177,6 +177,10 @@ class Client:
         )
         # A zero or negative wait fails at once; NaN waits forever (asyncio never fires its deadline).
         _check_seconds(ready_timeout=ready_timeout, request_timeout=request_timeout, positive=True)
+        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+            raise InvalidArgumentError(
+                f"ssl must be an ssl.SSLContext, or None for the system's trusted CAs, got {ssl!r}"
+            )
         if not isinstance(intents, int) or isinstance(intents, bool) or not 0 <= intents < 1 << 53:
             raise InvalidArgumentError(f"intents must be a non-negative integer bit set, got {intents!r}")
         if send_limit is not None and not (isinstance(send_limit, tuple | list) and len(send_limit) == 2):
