@@ -176,7 +176,9 @@ async def test_a_second_close_returns_once_the_first_has_finished_the_files(tmp_
     assert len(await collect(frames, 2.0)) == 5
 
 
-@pytest.mark.parametrize("not_a_sink", [["a list of sinks"], "meeting", None, object(), CallbackSink.__init__])
+@pytest.mark.parametrize(
+    "not_a_sink", [["a list of sinks"], "meeting", None, object(), CallbackSink.__init__]
+)
 async def test_adding_something_that_is_not_a_sink_is_refused(tmp_path: Path, not_a_sink: object) -> None:
     """``add_sink(record_to_directory(...))`` (the list, not each sink) is an easy slip: say so."""
     receiver = Receiver(None)
