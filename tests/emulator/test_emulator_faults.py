@@ -9,6 +9,7 @@ impairment's own counters. Every fault must also show in ``emu.inspect(user_id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import statistics
@@ -616,3 +617,21 @@ async def test_hostile_packets_reach_a_participant_and_are_counted_there(world: 
     )
     with pytest.raises(EmulatorError, match="no live voice session"):
         emu.faults.inject_raw(123, b"x")
+
+
+def test_a_delay_under_a_millisecond_on_uvloop_delivers_every_packet() -> None:
+    """uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a deadline under 0.5 ms away; the
+    delay queue asked that handle for ``when()`` and the media server dropped the packet on the error."""
+    uvloop = pytest.importorskip("uvloop")
+    count = 50
+
+    async def scenario() -> tuple[int, int]:
+        async with Emulator() as emu:
+            alice, bob, _ = await stage_trio(build_voice_world(emu))
+            emu.faults.impair(bob.user_id, delay=0.0002)
+            await alice.play(opaque_frames(4, count), silence=False, interval=0.001)
+            with contextlib.suppress(TimeoutError):
+                await bob.wait_for_frames(alice.user_id, count, timeout=2.0)
+            return len(bob.frames_from(alice.user_id)), emu.inspect(bob.user_id).faults["udp_delayed"]
+
+    assert uvloop.run(scenario()) == (count, count)

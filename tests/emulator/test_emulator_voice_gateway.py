@@ -6,6 +6,7 @@ provides the "other member" where one is needed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -357,3 +358,20 @@ async def test_fault_hooks_close_with_any_code_crash_drop_and_withhold_acks() ->
         assert await server.close_client(last.user_id, 4014, "kicked by a test") == 1
         assert await last.wait_closed() == 4014
         assert emu.inspect(last.user_id).ended, "a non-resumable code ends the session"
+
+
+def test_a_deadline_under_a_millisecond_away_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a deadline under 0.5 ms away (its
+    timers also fire up to 1 ms early, which re-arms at such a deadline); rescheduling again before that
+    handle ran asked it for ``when()`` and the connection's handler died."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with voice_world() as world:
+            server = world.emu._emulated_voice_servers()[0]
+            loop = asyncio.get_running_loop()
+            monkeypatch.setattr(server.core, "next_deadline", lambda: loop.time() + 0.0002)
+            server._reschedule()  # a plain Handle on uvloop
+            server._reschedule()  # again in the same iteration, as a frame arriving meanwhile does
+
+    uvloop.run(scenario())

@@ -131,7 +131,10 @@ class Impairment:
         self._held: dict[MediaEndpoint, tuple[list[bytes], Address, MediaServer, asyncio.TimerHandle]] = {}
         self._queue: list[tuple[float, int, bytes, Address, MediaServer]] = []
         self._order = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
+        """When the armed timer fires (uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a
+        deadline under 0.5 ms away)."""
 
     def forward(
         self, packet: bytes, address: Address, receiver: MediaEndpoint, media: MediaServer
@@ -209,10 +212,11 @@ class Impairment:
             return
         due = self._queue[0][0]
         if self._timer is not None:
-            if self._timer.when() <= due:
+            if self._timer_when <= due:
                 return
             self._timer.cancel()
         self._timer = self._loop.call_at(due, self._drain)
+        self._timer_when = due
 
     def _drain(self) -> None:
         self._timer = None

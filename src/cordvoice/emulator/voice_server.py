@@ -113,7 +113,10 @@ class EmulatedVoiceServer:
             emulator.state, server_id, media, media.address, emulator.voice_config_for(server_id)
         )
         self._live: dict[int, tuple[VoiceConnection, _Link, asyncio.Task[Any] | None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
+        """When the armed timer fires (uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a
+        deadline under 0.5 ms away)."""
         self._closed = False
         self._remove_hook = emulator.add_voice_state_hook(self._on_voice_change)
 
@@ -243,12 +246,13 @@ class EmulatedVoiceServer:
         deadline = self.core.next_deadline()
         timer = self._timer
         if timer is not None:
-            if deadline is not None and timer.when() == deadline:
+            if deadline is not None and self._timer_when == deadline:
                 return
             timer.cancel()
             self._timer = None
         if deadline is not None:
             self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+            self._timer_when = deadline
 
     def _on_timer(self) -> None:
         self._timer = None
