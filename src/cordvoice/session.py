@@ -72,6 +72,7 @@ from cordvoice.gateway.events import VoiceServerUpdate, VoiceStateUpdate
 from cordvoice.reconnect import ConnectionEnd, Decision, EndKind, ReconnectConfig, ReconnectPolicy
 from cordvoice.udp.connection import DialFunc, ReceiveHook, UdpConnection, UdpStats
 from cordvoice.udp.crypto import make_cipher
+from cordvoice.udp.rtp import RtpHeader
 from cordvoice.udp.sender import RtpSender
 from cordvoice.voicegateway.connection import RESUME_CLOSE_CODE, VoiceGatewayConnection
 from cordvoice.voicegateway.messages import SpeakingFlag
@@ -300,6 +301,7 @@ class Session:
         )
         self._lane.set_provider(self._queue)
         self._receive_hook: ReceiveHook | None = None
+        self._receiver_feed: ReceiveHook | None = None  # session.receiver's, beside the user's hook
         self._ssrc_users: dict[int, int] = {}
         self._speaking_task: asyncio.Task[None] | None = None
         self._speaking_unsent = False
@@ -666,13 +668,34 @@ class Session:
         """Call ``hook(header, payload, arrival_time)`` for every authenticated RTP packet received.
 
         ``payload`` is transport-decrypted; in a DAVE call it is still a DAVE frame (decrypt it with
-        ``session.dave.decrypt(user_id, payload)``, the user from :attr:`ssrc_users`).
+        ``session.dave.decrypt(user_id, payload)``, the user from :attr:`ssrc_users`). The hook runs beside
+        :attr:`receiver` (after it), so ``listen()`` and recordings keep working.
         """
         if hook is not None and not callable(hook):
             raise InvalidArgumentError(f"a receive hook must be callable, got {type(hook).__name__}")
         self._receive_hook = hook
+        self._route_received()
+
+    def _feed_receiver(self, feed: ReceiveHook | None) -> None:
+        """Hand received packets to ``session.receiver`` too (:meth:`Receiver.for_session` calls this)."""
+        self._receiver_feed = feed
+        self._route_received()
+
+    def _route_received(self) -> None:
         if self._udp is not None:
-            self._udp.receive_hook = hook
+            self._udp.receive_hook = self._packet_hook()
+
+    def _packet_hook(self) -> ReceiveHook | None:
+        """The one callable the UDP layer calls per packet: the receiver's, the user's, or both in turn."""
+        feed, user = self._receiver_feed, self._receive_hook
+        if feed is None or user is None:
+            return feed or user
+
+        def both(header: RtpHeader, payload: bytes, arrival: float) -> None:
+            feed(header, payload, arrival)
+            user(header, payload, arrival)
+
+        return both
 
     # ==== lifecycle =======================================================================================
 
@@ -1287,7 +1310,7 @@ class Session:
             raise _UdpFailed(str(exc)) from exc
         self._udp = udp
         self._udp_failed = False
-        udp.receive_hook = self._receive_hook
+        udp.receive_hook = self._packet_hook()
         udp.on_lost = self._udp_lost
         try:
             found = await udp.discover(ready.ssrc, give_up_after=self.config.discovery_timeout)

@@ -47,7 +47,7 @@ async def test_session_listen_hears_a_participant_and_ends_with_the_session() ->
     assert ("gateway", True) in [(c.source, c.speaking) for c in changes]
     assert ("audio", True) in [(c.source, c.speaking) for c in changes]
     assert receiver.stats(speaker.user_id).undecryptable == 0
-    assert session.receive_hook is None  # the closed receiver unhooked itself
+    assert session._receiver_feed is None  # the closed receiver unhooked itself
 
 
 async def test_frames_the_bot_encrypts_before_a_transition_executes_are_counted() -> None:
@@ -130,3 +130,25 @@ def decoded_lengths(folder: Path) -> dict[str, int]:
         with av.open(str(path)) as container:
             lengths[path.name] = sum(frame.samples for frame in container.decode(audio=0))
     return lengths
+
+
+async def test_a_users_receive_hook_and_the_receiver_both_get_every_packet() -> None:
+    """``listen()`` after a raw hook took the hook's place, and a raw hook set while listening took the
+    receiver's (its streams went silent, uncounted)."""
+    frames = encode_pcm(speech_like(0.4, voice=3))
+    async with bot_world("hook-and-receiver") as world:
+        speaker = await world.add_speaker("speaker")
+        await world.converge([speaker])
+        session = world.session
+        hooked: list[list[int]] = [[], []]
+        session.set_receive_hook(lambda header, payload, arrival: hooked[0].append(header.sequence))
+        async with session.listen(speaker.user_id) as stream:
+            for phase in range(2):
+                await speaker.play(frames)
+                await asyncio.sleep(0.3)
+                heard = [stream.get_nowait() for _ in range(len(stream))]
+                assert [f.opus for f in heard if f and not f.is_silence] == frames, phase
+                assert len(hooked[phase]) >= len(frames), phase
+                session.set_receive_hook(lambda header, payload, arrival: hooked[1].append(header.sequence))
+        session.set_receive_hook(None)
+        assert session.receive_hook is None

@@ -283,11 +283,11 @@ class Receiver:
             session.on(MovedEvent, moved),
             session.on(DisconnectedEvent, closed),
         ]
-        session.set_receive_hook(receiver.feed)
+        session._feed_receiver(receiver.feed)
 
         def unhook() -> None:
-            if session.receive_hook == receiver.feed:
-                session.set_receive_hook(None)
+            if session._receiver_feed == receiver.feed:
+                session._feed_receiver(None)
 
         receiver._detachers.append(unhook)
         return receiver
