@@ -199,3 +199,10 @@ async def test_client_udp_open_cancelled_midway_is_quiet(
     for _ in range(5):
         await asyncio.sleep(0)
     assert "closed unexpectedly" not in caplog.text
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example"])
+async def test_client_udp_open_a_host_name_idna_refuses_is_a_voice_error(host: str) -> None:
+    """The name fails its IDNA encoding before any lookup: a UnicodeError escaped the project's errors."""
+    with pytest.raises(VoiceError, match="could not open a UDP socket"):
+        await UdpConnection.open(host, 9)

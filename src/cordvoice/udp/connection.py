@@ -190,7 +190,7 @@ class UdpConnection:
                 connection._closing = True
                 sock.close()
                 raise
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode ("a..b")
             raise VoiceError(f"could not open a UDP socket to the voice server {host}:{port}: {exc}") from exc
         connection._transport = transport
         connection._sock = sock
