@@ -172,7 +172,7 @@ class Clock:
         self._armed = False
         self._timer_when = 0.0
         """When the armed timer fires (uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a
-        past deadline)."""
+        deadline past or under 0.5 ms away)."""
         self._t0 = loop.time()
         self.lateness = Histogram()
         """Lateness of every slot wake-up, in ms: the clock's own health, across all streams."""
