@@ -187,9 +187,9 @@ async def test_rtp_statistics_count_gaps_duplicates_reordering_and_steps(world: 
     endpoint = emu.voice_server().media_endpoint(alice.user_id)
     assert endpoint.cipher is not None
     await alice.play(opaque_frames(3, 0), silence=False)  # op 5 binds the SSRC
-    for sequence in (0, 1, 3, 3, 2, 4):
+    for nonce, sequence in enumerate((0, 1, 3, 3, 2, 4)):
         alice.send_datagram(
-            endpoint.cipher.seal(build_header(sequence, sequence * 960, alice.ssrc), b"\xfc", 0)
+            endpoint.cipher.seal(build_header(sequence, sequence * 960, alice.ssrc), b"\xfc", nonce)
         )
     await bob.wait_for_frames(alice.user_id, 6)
     rtp = emu.inspect(alice.user_id).rtp
@@ -280,3 +280,27 @@ async def test_timer_reads_forward_everything_and_refuse_bad_intervals(world: Vo
     assert media.received == received, "read on the timer, not when the socket became readable"
     await eventually(lambda: media.received > received)
     assert media.counters["short"] >= 2
+
+
+async def test_a_reused_transport_nonce_is_dropped_and_counted(world: VoiceWorld) -> None:
+    """protocol.md §5.2: a nonce is never reused with one key (a counter reset on resume would do it)."""
+    emu = world.emu
+    alice, bob = await stage_pair(world)
+    endpoint = emu.voice_server().media_endpoint(alice.user_id)
+    cipher = endpoint.cipher
+    assert cipher is not None
+    await alice.play(opaque_frames(3, 0), silence=False)  # op 5 binds the SSRC
+    await eventually(lambda: endpoint.speaking_bound)
+    frames = opaque_frames(4, 5)
+    # (sequence, nonce): nonce 7 comes twice with other plaintext, 5 arrives late (reordered, never used).
+    for index, (sequence, nonce) in enumerate([(0, 6), (1, 7), (2, 7), (3, 8), (4, 5)]):
+        alice.send_datagram(
+            cipher.seal(build_header(sequence, sequence * 960, alice.ssrc), frames[index], nonce)
+        )
+    await eventually(
+        lambda: endpoint.stats.packets + emu.voice_server().media.counters["replayed_nonce"] == 5
+    )
+    await bob.wait_for_frames(alice.user_id, 4)
+    assert bob.payloads_from(alice.user_id) == [frames[0], frames[1], frames[3], frames[4]]
+    assert emu.voice_server().media.counters["replayed_nonce"] == 1
+    assert emu.inspect(alice.user_id).rtp.replayed_nonces == 1

@@ -43,6 +43,7 @@ class RtpStats:
       streams that never pause (benchmarks), where such a gap is the sender stalling and must count.
     * ``jitter_ms``: RFC 3550 interarrival jitter.
     * ``undecryptable``: packets from this sender's address that failed transport authentication.
+    * ``replayed_nonces``: authentic packets dropped for a transport nonce already used (or too old to tell).
     """
 
     __slots__ = (
@@ -61,6 +62,7 @@ class RtpStats:
         "lost",
         "out_of_order",
         "packets",
+        "replayed_nonces",
         "sequence_gaps",
         "timestamp_steps",
         "undecryptable",
@@ -71,6 +73,7 @@ class RtpStats:
         self.packets = 0
         self.bytes = 0
         self.undecryptable = 0
+        self.replayed_nonces = 0
         self.duplicates = 0
         self.out_of_order = 0
         self.sequence_gaps = 0
@@ -139,6 +142,7 @@ class RtpStats:
             packets=self.packets,
             bytes=self.bytes,
             undecryptable=self.undecryptable,
+            replayed_nonces=self.replayed_nonces,
             duplicates=self.duplicates,
             out_of_order=self.out_of_order,
             sequence_gaps=self.sequence_gaps,
@@ -158,6 +162,7 @@ class RtpSummary:
     packets: int
     bytes: int
     undecryptable: int
+    replayed_nonces: int
     duplicates: int
     out_of_order: int
     sequence_gaps: int

@@ -10,9 +10,10 @@ server then:
   untouched) to every other member of the channel that finished Select Protocol, sealed with that
   receiver's key and nonce counter, keeping the sender's SSRC, sequence number, timestamp and marker;
 * drops and counts everything else (``counters``, by reason): unknown addresses, packets before Select
-  Protocol or before op 5, failed authentication, garbage, RTCP (counted, not forwarded). Discord is said
-  to disconnect a client for RTP before op 5; here it is only counted, because op 5 comes by WebSocket and
-  a correct client's first packet can overtake it.
+  Protocol or before op 5, failed authentication, a transport nonce the client already used with its key
+  (``replayed_nonce``), garbage, RTCP (counted, not forwarded). Discord is said to disconnect a client for
+  RTP before op 5; here it is only counted, because op 5 comes by WebSocket and a correct client's first
+  packet can overtake it.
 
 This module owns the socket, so it is a thin shell around plain dictionaries; the only decisions on the
 per-packet path are dictionary lookups. Hooks for fault injection: :attr:`MediaServer.forward_hook` sees
@@ -81,6 +82,9 @@ _RTP_HEADER = 12
 _RTCP_FIRST = 200
 _RTCP_LAST = 204
 _U32 = 0xFFFF_FFFF
+#: Transport nonces below a client's highest that are still accepted once (reordered packets).
+REPLAY_WINDOW = 64
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 
 
 class MediaEndpoint:
@@ -97,6 +101,8 @@ class MediaEndpoint:
         "discovered_address",
         "forwarded_to_client",
         "nonce",
+        "nonce_high",
+        "nonce_window",
         "speaking_bound",
         "ssrc",
         "stats",
@@ -111,6 +117,10 @@ class MediaEndpoint:
         self.discovered_address: Address | None = None
         self.cipher: TransportCipher | None = None
         self.nonce = 0
+        self.nonce_high = -1
+        """The highest transport nonce this client's authenticated packets carried (-1: none yet)."""
+        self.nonce_window = 0
+        """Bit ``k``: nonce ``nonce_high - k`` was used (the replay window)."""
         self.speaking_bound = False
         self.stats = RtpStats()
         self.forwarded_to_client = 0
@@ -122,6 +132,32 @@ class MediaEndpoint:
         packet = self.cipher.seal(header, payload, self.nonce)
         self.nonce = (self.nonce + 1) & _U32
         return packet
+
+    def fresh_nonce(self, nonce: int) -> bool:
+        """Record an authenticated packet's transport nonce; False if this key already carried it.
+
+        protocol.md §5.2: a nonce is never reused with one key (a client that restarts its counter on a
+        resume does). A window of the :data:`REPLAY_WINDOW` nonces below the highest, as SRTP keeps
+        (RFC 3711 §3.3.2), lets reordered packets through; a repeat, or a nonce older than the window, is not.
+        """
+        high = self.nonce_high
+        if high < 0:
+            self.nonce_high = nonce
+            self.nonce_window = 1
+            return True
+        delta = ((nonce - high + 0x8000_0000) & _U32) - 0x8000_0000
+        if delta > 0:
+            window = (self.nonce_window << delta) | 1 if delta < REPLAY_WINDOW else 1
+            self.nonce_window = window & _WINDOW_MASK
+            self.nonce_high = nonce
+            return True
+        if -delta >= REPLAY_WINDOW:
+            return False
+        bit = 1 << -delta
+        if self.nonce_window & bit:
+            return False
+        self.nonce_window |= bit
+        return True
 
     def __repr__(self) -> str:
         return f"MediaEndpoint(user_id={self.user_id}, ssrc={self.ssrc}, address={self.address})"
@@ -306,6 +342,8 @@ class MediaServer:
             self._by_address.pop(endpoint.address, None)
         endpoint.address = address
         endpoint.cipher = cipher
+        endpoint.nonce_high = -1  # a new key: no nonce used with it yet
+        endpoint.nonce_window = 0
         self._by_address[address] = endpoint
         self._discovered.pop(address, None)
         receivers = self._channels.setdefault(endpoint.channel_id, [])
@@ -407,6 +445,10 @@ class MediaServer:
             return
         if ssrc != endpoint.ssrc:
             self.counters["wrong_ssrc"] += 1
+            return
+        if not endpoint.fresh_nonce(int.from_bytes(data[-4:], "big")):
+            endpoint.stats.replayed_nonces += 1
+            self.counters["replayed_nonce"] += 1
             return
         if arrival is None:
             arrival = time.monotonic()
