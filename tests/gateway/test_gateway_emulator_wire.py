@@ -107,6 +107,19 @@ async def test_intents_filter_voice_states(world: World) -> None:
         assert nxt["t"] == "VOICE_SERVER_UPDATE"
 
 
+async def test_without_the_guilds_intent_no_guild_create_comes(world: World) -> None:
+    """GUILD_CREATE belongs to the GUILDS intent: READY still lists the guilds, unavailable, and nothing fills
+    them in, so a bot that forgot the intent cannot find its voice channel here either."""
+    async with await logged_in(world, intents=1 << 7) as ws:
+        ready = await recv_json(ws)
+        assert ready["t"] == "READY"
+        assert ready["d"]["guilds"] == [{"id": str(world.guild.id), "unavailable": True}]
+        other = world.emu.create_guild("joined later")
+        world.emu.add_member(other.id, world.bot.user_id)
+        await ws.send(json.dumps({"op": 1, "d": ready["s"]}))
+        assert (await recv_json(ws))["op"] == 11, "no GUILD_CREATE came before the heartbeat ACK"
+
+
 async def test_zlib_stream_uses_one_context_with_sync_flush(world: World) -> None:
     async with connect(world.emu.gateway_url + "/?v=10&encoding=json&compress=zlib-stream") as ws:
         inflater = zlib.decompressobj()

@@ -243,7 +243,11 @@ class GatewayHub:
         return session
 
     def ready(self, session: GatewaySession) -> None:
-        """Dispatch READY, then one GUILD_CREATE per guild, as Discord does right after Identify."""
+        """Dispatch READY, then one GUILD_CREATE per guild, as Discord does right after Identify.
+
+        GUILD_CREATE belongs to the GUILDS intent: without it READY still lists the guilds as unavailable and
+        nothing follows, so a bot that forgot the intent finds no channels here either.
+        """
         guilds = [g for g in self.state.guilds_of(session.user_id) if session.handles_guild(g.id)]
         user = self.state.user(session.user_id)
         ready: dict[str, Any] = {
@@ -265,6 +269,8 @@ class GatewayHub:
         if session.shard != (0, 1):
             ready["shard"] = list(session.shard)
         self.dispatch(session, "READY", ready)
+        if not session.wants(Intent.GUILDS):
+            return
         for guild in guilds:
             self._send_guild_create(session, guild.id)
 
@@ -327,9 +333,9 @@ class GatewayHub:
         self.dispatch(session, "GUILD_CREATE", payload)
 
     def announce_member_added(self, guild_id: int, user_id: int) -> None:
-        """The user joined a guild: its live sessions get GUILD_CREATE."""
+        """The user joined a guild: its live sessions with the GUILDS intent get GUILD_CREATE."""
         for session in self.sessions_of(user_id):
-            if session.handles_guild(guild_id):
+            if session.handles_guild(guild_id) and session.wants(Intent.GUILDS):
                 self._send_guild_create(session, guild_id)
 
     def announce_channel(self, event: str, channel_payload: dict[str, Any], guild_id: int) -> None:
