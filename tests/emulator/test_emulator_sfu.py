@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -304,3 +305,22 @@ async def test_a_reused_transport_nonce_is_dropped_and_counted(world: VoiceWorld
     assert bob.payloads_from(alice.user_id) == [frames[0], frames[1], frames[3], frames[4]]
     assert emu.voice_server().media.counters["replayed_nonce"] == 1
     assert emu.inspect(alice.user_id).rtp.replayed_nonces == 1
+
+
+async def test_a_participant_does_not_take_rtp_of_another_payload_type_as_audio(world: VoiceWorld) -> None:
+    """protocol.md §4.5: receivers keep payload type 120 (Opus); a sender using 111 is heard by no one."""
+    emu = world.emu
+    alice, bob = await stage_pair(world)
+    endpoint = emu.voice_server().media_endpoint(alice.user_id)
+    cipher = endpoint.cipher
+    assert cipher is not None
+    await alice.play(opaque_frames(3, 0), silence=False)  # op 5 binds the SSRC
+    await eventually(lambda: endpoint.speaking_bound)
+    frames = opaque_frames(5, 2)
+    wrong_type = struct.pack("!BBHII", 0x80, 111, 0, 0, alice.ssrc)
+    alice.send_datagram(cipher.seal(wrong_type, frames[0], 0))
+    alice.send_datagram(cipher.seal(build_header(1, 960, alice.ssrc), frames[1], 1))
+    await bob.wait_for_frames(alice.user_id, 1)
+    await eventually(lambda: bob.stats.received_packets == 2)
+    assert bob.payloads_from(alice.user_id) == [frames[1]]
+    assert bob.stats.other_payload_type == 1

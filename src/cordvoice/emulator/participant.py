@@ -40,7 +40,7 @@ from cordvoice.emulator.state import VoiceSession
 from cordvoice.errors import ConnectionClosedError, DaveRequiredError, EmulatorError, ProtocolError
 from cordvoice.udp import discovery
 from cordvoice.udp.crypto import TransportCipher, choose_mode, make_cipher
-from cordvoice.udp.rtp import FRAME_DURATION, OPUS_SILENCE, RtpHeader, is_rtcp
+from cordvoice.udp.rtp import FRAME_DURATION, OPUS_PAYLOAD_TYPE, OPUS_SILENCE, RtpHeader, is_rtcp
 from cordvoice.udp.sender import RtpSender
 from cordvoice.voicegateway.closecodes import CloseCode
 from cordvoice.voicegateway.messages import (
@@ -125,6 +125,8 @@ class ParticipantStats:
     before_key: int = 0
     """Packets that arrived before Session Description gave us the key (the SFU may send right away)."""
     transport_undecryptable: int = 0
+    other_payload_type: int = 0
+    """RTP packets whose payload type is not 120 (Opus): not audio to any client, so never a frame here."""
     rtcp: int = 0
     unmapped_ssrc: int = 0
     unmapped_dropped: int = 0
@@ -598,6 +600,10 @@ class Participant:
             except ProtocolError:
                 self.stats.transport_undecryptable += 1
             else:
+                if header.payload_type != OPUS_PAYLOAD_TYPE:
+                    self.stats.other_payload_type += 1
+                    self._notify()
+                    return
                 now = self._loop.time()
                 user_id = self._ssrc_users.get(header.ssrc)
                 if user_id is not None:
