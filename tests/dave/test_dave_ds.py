@@ -10,6 +10,7 @@ import pytest
 
 from cordvoice.emulator import mls
 from cordvoice.emulator.dave_ds import (
+    MALFORMED_INPUT_REASONS,
     PROPOSALS_APPEND,
     PROPOSALS_REVOKE,
     DaveDeliveryService,
@@ -214,6 +215,20 @@ def test_commit_checks_count_and_drop() -> None:
     assert ds.commit_welcome_received(1, commit) == []
     assert ds.counters["commit_proposals_mismatch"] == 1
     assert ds.epoch == 1 and ds.counters["commits_accepted"] == 1
+
+
+def test_a_commit_without_proposals_counts_as_malformed() -> None:
+    """A commit must reference the epoch's proposals (protocol.md §6.9.5); one on its own (a self-update)
+    is the client breaking DAVE's rules, never a lost race, so a clean run must not count it."""
+    ds, _, _, _ = _pair()
+    framed = (
+        mls.vector(ds.group_id) + mls.u64(ds.epoch) + mls.u8(1) + mls.u32(0) + mls.vector(b"")
+        + mls.u8(3) + mls.vector(b"") + mls.u8(0)  # commit: no proposals, no path
+    )  # fmt: skip
+    tags = mls.vector(b"\x30" * 8) + mls.vector(bytes(32)) + mls.vector(bytes(32))
+    assert ds.commit_welcome_received(1, mls.u16(1) + mls.u16(1) + framed + tags) == []
+    assert ds.counters["commit_without_proposals"] == 1
+    assert "commit_without_proposals" in MALFORMED_INPUT_REASONS
 
 
 def test_key_package_checks() -> None:

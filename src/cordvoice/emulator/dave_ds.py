@@ -53,6 +53,7 @@ MALFORMED_INPUT_REASONS = frozenset(
         "commit_invalid",
         "commit_wrong_group",
         "commit_wrong_sender_leaf",
+        "commit_without_proposals",
         "commit_without_welcome",
         "welcome_members_mismatch",
         "welcome_without_adds",
