@@ -129,9 +129,9 @@ class ParticipantStats:
     """RTP packets whose payload type is not 120 (Opus): not audio to any client, so never a frame here."""
     rtcp: int = 0
     unmapped_ssrc: int = 0
+    """Packets from an SSRC no op 5 had named yet (held and delivered once one does)."""
     unmapped_dropped: int = 0
     """Of those, packets dropped: beyond :data:`_MAX_UNMAPPED` per SSRC, or of too many unnamed SSRCs."""
-    """Packets from an SSRC no op 5 had named yet (held and delivered once one does)."""
     dave_undecryptable: Counter[int] = field(default_factory=Counter)
     """Frames per sender that DAVE could not decrypt."""
     dave_errors: Counter[str] = field(default_factory=Counter)
