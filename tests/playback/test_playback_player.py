@@ -278,6 +278,19 @@ async def test_loop_repeats_a_seekable_source() -> None:
     player.close()
 
 
+async def test_loop_turned_on_near_the_end_still_loops() -> None:
+    # The read-ahead reaches a source's end up to 500 ms before it is heard: a loop asked for then must loop.
+    player = Player()
+    track = player.play(tone(700, 1.0))
+    await pull_n(player, 40)
+    assert track._eof  # the source has been read to its end; 10 frames are left to play
+    track.loop = True
+    await pull_n(player, 60)
+    assert track.loops >= 1
+    assert track.state is TrackState.PLAYING
+    player.close()
+
+
 async def test_a_decoded_file_loops_without_a_gap(tmp_path: Path) -> None:
     # 210 ms (10.5 frames) of a sine that ends in phase: looped seamlessly, every frame is equally loud. A
     # decoder that pads its last frame would put 10 ms of silence into every repetition.

@@ -319,6 +319,11 @@ class Track:
         if value and (self._is_async or (self._opened and not self._seekable)):
             raise InvalidArgumentError(f"{self.name} cannot loop: its source cannot seek")
         self._loop = bool(value)
+        if self._loop and self._eof and self._failure is None and self._end_state is None:
+            # The read-ahead already reached the end (up to a buffer before it is heard): read on, so the
+            # source job finds the end again and goes back to the start.
+            self._eof = False
+            self._kick()
 
     @property
     def paused(self) -> bool:
