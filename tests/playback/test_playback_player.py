@@ -328,6 +328,20 @@ async def test_queue_advances_gaplessly(ogg: Path, tmp_path: Path) -> None:
     player.close()
 
 
+async def test_a_seek_on_a_waiting_queue_track_returns_and_the_track_starts_there() -> None:
+    player = Player()
+    player.enqueue(tone(400, 0.2), name="first")
+    player.enqueue(tone(500, 0.2), name="second")
+    third = player.enqueue(tone(600, 1.0), name="third")
+    async with asyncio.timeout(2):  # it waited for the tracks before it to play
+        await third.seek(0.6)
+    assert third.position == pytest.approx(0.6)
+    out = await pull_until_done(player)
+    assert len(audible(out)) == 10 + 10 + 20
+    assert await third.wait() is TrackState.FINISHED
+    player.close()
+
+
 @pytest.mark.parametrize("rendered", ["pcm", "opus at half volume"])
 async def test_queue_change_from_passthrough_to_a_rendered_track_is_gapless(
     rendered: str, tmp_path: Path

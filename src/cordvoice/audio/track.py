@@ -366,8 +366,9 @@ class Track:
     async def seek(self, seconds: float) -> None:
         """Continue from ``seconds``; returns once the source is there.
 
-        A time past the end ends the track as if it had played to the end. Raises :class:`AudioError` when
-        the source cannot seek (the track plays on) or the track ended.
+        A time past the end ends the track as if it had played to the end. A track waiting in the queue
+        opens its source now and starts there. Raises :class:`AudioError` when the source cannot seek (the
+        track plays on) or the track ended.
         """
         if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
             raise InvalidArgumentError(f"cannot seek to {seconds!r}")
@@ -375,6 +376,8 @@ class Track:
             raise AudioError(f"{self.name} has ended")
         if self._is_async or (self._opened and not self._seekable):
             raise AudioError(f"{self.name} cannot seek")
+        if not self._begun:
+            self._begin()  # a track waiting in the queue opens now: the seek cannot wait for its turn
         future: asyncio.Future[None] = self._player._event_loop().create_future()
         if self._pending_seek is not None and self._pending_seek[1] is not None:
             previous = self._pending_seek[1]
