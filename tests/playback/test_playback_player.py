@@ -581,6 +581,9 @@ async def test_player_encoder_settings_must_be_integers() -> None:
     for option in ("bitrate", "complexity", "expected_loss"):
         with pytest.raises(InvalidArgumentError, match=option):
             Player(**{option: 64e3 if option == "bitrate" else 5.0})  # type: ignore[arg-type]
+    for lookahead in (4.0, "4", None, True, 1):  # 4.0 sent 4 frames, then an ERROR and silence every tick
+        with pytest.raises(InvalidArgumentError, match="lookahead"):
+            Player(lookahead=lookahead)  # type: ignore[arg-type]
     player = Player()
     try:
         with pytest.raises(InvalidArgumentError, match="bitrate"):

@@ -235,8 +235,9 @@ class Player:
         lookahead: int = LOOKAHEAD,
         on_audio: Callable[[], None] | None = None,
     ) -> None:
-        if lookahead < 2:
-            raise InvalidArgumentError("lookahead must be at least 2 frames")
+        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 2:
+            # a float passed here, then broke every render (range()): an ERROR and silence on every tick
+            raise InvalidArgumentError(f"lookahead must be an integer >= 2 (frames), got {lookahead!r}")
         self._encoder = EncoderSlot(
             bitrate=bitrate, fec=fec, expected_loss=expected_loss, complexity=complexity
         )
