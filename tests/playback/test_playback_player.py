@@ -291,6 +291,30 @@ async def test_loop_turned_on_near_the_end_still_loops() -> None:
     player.close()
 
 
+async def test_loop_turned_off_ends_the_track_at_the_end_of_this_pass(ogg: Path) -> None:
+    # The read-ahead (1 s of Opus) already holds the start of the next pass when the loop is turned off in the
+    # last second: that start must not be heard, and turning the loop on again continues from the start.
+    packets = opus_packets(ogg)
+    player = Player()
+    track = player.play(ogg, loop=True)
+    out = await pull_n(player, 2 * len(packets) - 20)
+    assert track.loops == 2  # the third pass is buffered
+    track.loop = False
+    out += await pull_until_done(player)
+    assert audible(out) == packets * 2
+    assert track.loops == 1
+    assert await track.wait() is TrackState.FINISHED
+
+    again = player.play(ogg, loop=True)
+    out = await pull_n(player, len(packets) - 20)
+    again.loop = False
+    again.loop = True
+    out += await pull_n(player, len(packets))
+    again.stop()
+    assert audible(out) == (packets * 2)[: len(audible(out))]
+    player.close()
+
+
 async def test_a_decoded_file_loops_without_a_gap(tmp_path: Path) -> None:
     # 210 ms (10.5 frames) of a sine that ends in phase: looped seamlessly, every frame is equally loud. A
     # decoder that pads its last frame would put 10 ms of silence into every repetition.

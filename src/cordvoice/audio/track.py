@@ -133,6 +133,8 @@ class _Fill:
     duration: float | None
     seek_error: AudioError | None
     loops: int = 0
+    loop_starts: list[int] = field(default_factory=list)
+    """Index in ``frames`` of the first frame of each pass that looping began."""
     loop_refused: bool = False
     error: AudioError | None = None
     """A read failed after ``frames``: they still play, then the track fails."""
@@ -152,8 +154,11 @@ def _check_opus(data: bytes, name: str) -> None:
         raise AudioError(f"{name}: Opus packets must be 20 ms, got {samples / 48:g} ms")
 
 
-def _fill_job(track: Track, want: int, seek_to: float | None, opened: bool) -> _Fill:
-    """Open/seek/read a sync source on a source thread: up to ``want`` frames or ``FILL_BUDGET`` seconds."""
+def _fill_job(track: Track, want: int, seek_to: float | None, opened: bool, rewind: bool) -> _Fill:
+    """Open/seek/read a sync source on a source thread: up to ``want`` frames or ``FILL_BUDGET`` seconds.
+
+    ``rewind``: the source was read past a loop that was then turned off; go back to the start (a loop).
+    """
     source = track.source
     assert isinstance(source, AudioSource)
     side = track._worker
@@ -174,7 +179,14 @@ def _fill_job(track: Track, want: int, seek_to: float | None, opened: bool) -> _
     eof = False
     error: AudioError | None = None
     loops = 0
+    loop_starts: list[int] = []
     loop_refused = False
+    if rewind and seek_to is None:
+        source.seek(0)
+        side.chunker.clear()
+        side.reads_since_loop = 0
+        loops += 1
+        loop_starts.append(0)
     deadline = time.monotonic() + FILL_BUDGET
     try:
         while len(frames) < want:
@@ -185,6 +197,7 @@ def _fill_job(track: Track, want: int, seek_to: float | None, opened: bool) -> _
                         source.seek(0)
                         side.reads_since_loop = 0
                         loops += 1
+                        loop_starts.append(len(frames))
                         continue
                     loop_refused = True
                 eof = True
@@ -206,7 +219,18 @@ def _fill_job(track: Track, want: int, seek_to: float | None, opened: bool) -> _
         last = side.chunker.flush()
         if last is not None:
             frames.append(last)
-    return _Fill(frames, eof, kind, source.seekable, source.duration, seek_error, loops, loop_refused, error)
+    return _Fill(
+        frames,
+        eof,
+        kind,
+        source.seekable,
+        source.duration,
+        seek_error,
+        loops,
+        loop_starts,
+        loop_refused,
+        error,
+    )
 
 
 def _close_job(source: AudioSource) -> None:
@@ -280,6 +304,11 @@ class Track:
         self.frames_passthrough = 0
         self.loops = 0
         """Times a looping track went back to its start."""
+        self._appended = 0
+        """Frames ever put in the buffer: ``_loop_starts`` counts in these."""
+        self._loop_starts: deque[int] = deque()
+        """Where each pass the read-ahead looped into starts (turning the loop off cuts there)."""
+        self._rewind = False
 
     # -- public ------------------------------------------------------------------------------------
 
@@ -319,11 +348,31 @@ class Track:
         if value and (self._is_async or (self._opened and not self._seekable)):
             raise InvalidArgumentError(f"{self.name} cannot loop: its source cannot seek")
         self._loop = bool(value)
-        if self._loop and self._eof and self._failure is None and self._end_state is None:
+        if not self._loop:
+            self._cut_at_loop_start()
+        elif self._eof and self._failure is None and self._end_state is None:
             # The read-ahead already reached the end (up to a buffer before it is heard): read on, so the
             # source job finds the end again and goes back to the start.
             self._eof = False
             self._kick()
+
+    def _cut_at_loop_start(self) -> None:
+        """Drop the buffered frames of a pass the read-ahead began; the track ends where this pass ends."""
+        head = self._appended - len(self._buffer)
+        while self._loop_starts and self._loop_starts[0] < head:
+            self._loop_starts.popleft()  # already played
+        if not self._loop_starts or self._end_state is not None:
+            self._loop_starts.clear()
+            return
+        keep = self._loop_starts[0] - head
+        self.loops -= len(self._loop_starts)
+        self._loop_starts.clear()
+        while len(self._buffer) > keep:
+            self._buffer.pop()
+        self._appended = head + keep
+        self._gen += 1  # a fill in flight read on past the cut: drop it
+        self._eof = True
+        self._rewind = True  # the source is past the start: a loop turned on again must seek back
 
     @property
     def paused(self) -> bool:
@@ -449,7 +498,8 @@ class Track:
             return
         self._pending_seek = None
         self._busy = True
-        args = (self, max(room, START_FRAMES), None if seek is None else seek[0], self._opened)
+        args = (self, max(room, START_FRAMES), None if seek is None else seek[0], self._opened, self._rewind)
+        self._rewind = False
         done = functools.partial(self._filled, self._gen, seek)
         pool.submit(_fill_job, args, loop, done, wake=self._fill_wanted)
 
@@ -509,6 +559,8 @@ class Track:
                     self._frames += self._seek_skipped
                 self._seek_skipped = 0
             self.loops += result.loops
+            self._loop_starts.extend(self._appended + index for index in result.loop_starts)
+            self._appended += len(result.frames)
             self._buffer.extend(result.frames)
             if result.eof:
                 self._eof = True
