@@ -411,6 +411,20 @@ async def test_skip_and_clear_queue() -> None:
     player.close()
 
 
+async def test_clear_queue_opens_none_of_the_waiting_sources() -> None:
+    # Removing the next track prefetches the one after it: clearing 20 URLs opened (and closed) all 20.
+    player = Player()
+    sources = [CountingSource(tone(400, 0.5)) for _ in range(20)]
+    for source in sources:
+        player.enqueue(source)
+    await pull_n(player, 5)
+    player.clear_queue()
+    await asyncio.sleep(0.3)
+    assert sum(source.opened for source in sources[2:]) == 0  # the current track and the prefetched next one
+    assert all(source.closed == 1 for source in sources[1:])
+    player.close()
+
+
 async def test_a_failing_source_ends_its_track_and_the_rest_plays_on() -> None:
     player = Player()
     errors: list[TrackErrorEvent] = []

@@ -359,7 +359,9 @@ class Player:
 
     def clear_queue(self) -> None:
         """Remove (stop) every waiting track; the current one plays on."""
-        for track in list(self._queue):
+        waiting = list(self._queue)
+        self._queue.clear()  # else removing the next track would start (open) the one after it, and so on
+        for track in waiting:
             track.stop()
 
     def stop(self) -> None:
