@@ -322,6 +322,25 @@ def test_sender_restart_is_confirmed_by_two_consecutive_packets() -> None:
     assert frames[1].timestamp == 777_777
 
 
+def test_a_restart_to_a_sequence_just_behind_the_old_one_is_a_restart_not_late_packets() -> None:
+    """A sender that starts over at sequence 0 after 40 packets (a new timestamp origin): its new packets
+    are behind the playout point by sequence but ahead by timestamp, so they are not old packets. They
+    were all refused as late or duplicate until the sequence caught up (up to 2 s of audio)."""
+    jitter = JitterBuffer()
+    for i in range(40):
+        jitter.push(i, 5_000 + i * 960, i * FRAME, payload(i))
+    jitter.pop(1.0)
+    for i in range(30):
+        jitter.push(i, 900_000 + i * 960, 1.5 + i * FRAME, payload(100 + i))
+    frames = jitter.drain()
+    assert [index_of(f) for f in frames if f.kind is FrameKind.AUDIO] == list(range(100, 130))
+    assert jitter.stats.restarts == 1
+    assert jitter.stats.late == jitter.stats.duplicates == 0
+    # A real late packet and a real repeat are still told apart from a restart.
+    assert jitter.push(27, 900_000 + 27 * 960, 2.5, payload(127)) is PushResult.DUPLICATE
+    assert jitter.push(10, 900_000 + 10 * 960, 2.5, payload(110)) is PushResult.DUPLICATE
+
+
 def test_next_deadline_tells_when_to_pop() -> None:
     jitter = JitterBuffer(delay=0.06)
     assert jitter.next_deadline() is None

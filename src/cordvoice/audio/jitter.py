@@ -27,9 +27,10 @@ What comes out is one :class:`JitterFrame` per 20 ms slot, plus gap markers:
 Packets that arrive after their slot was played (or skipped) are dropped as ``late``; repeats as
 ``duplicates``. The buffer never holds more than ``max_packets``; beyond that the oldest half is dropped
 (``overflow``) and the schedule is pulled forward, so a backlog does not leave lasting latency. A
-sequence jump beyond the plausible window is held on probation: if the very next packet continues it,
-the sender restarted its stream and the buffer starts over (``restarts``); otherwise the stray packet is
-``discarded``. Every dropped packet is counted in :class:`JitterStats`.
+sequence jump beyond the plausible window, or a step back whose timestamp did not go back, is held on
+probation: if the very next packet continues it, the sender restarted its stream and the buffer starts
+over (``restarts``); otherwise the stray packet is ``discarded``. Every dropped packet is counted in
+:class:`JitterStats`.
 """
 
 from __future__ import annotations
@@ -264,6 +265,10 @@ class JitterBuffer:
         ts = self._next_ts + ts_delta(timestamp, self._next_ts & _TS_MASK)
 
         if -_MAX_MISORDER <= delta < 0:
+            if ts >= self._next_ts:
+                # Behind by sequence but not by timestamp: not an old packet but a sender that started over
+                # near its old sequence (refused as late until the sequence caught up, up to 2 s of audio).
+                return self._jump(sequence, timestamp, arrival, payload, samples)
             if not self._emitted and self._buffer and len(self._buffer) < self.max_packets:
                 # Nothing played yet: an earlier packet of the first talkspurt arrived after a later one.
                 self._next_ext = ext
