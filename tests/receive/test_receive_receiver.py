@@ -202,12 +202,15 @@ async def test_slow_consumer_is_bounded_and_counts_drops() -> None:
 
 
 @pytest.mark.parametrize("user_id", [str(USER_A), 0, -1, 1 << 64, True, 701.0])
-async def test_listen_refuses_a_user_id_that_no_frame_can_match(user_id: object) -> None:
-    """A user id read from a config file or a command line is a str: it matched no frame, silently."""
+async def test_listen_and_stats_refuse_a_user_id_that_no_frame_can_match(user_id: object) -> None:
+    """A user id read from a config file or a command line is a str: it matched no frame, silently, and
+    its stats were all zeros (nothing lost, it seemed)."""
     receiver = Receiver(None)
     try:
         with pytest.raises(InvalidArgumentError, match="user_id"):
             receiver.listen(user_id)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="user_id"):
+            receiver.stats(user_id)  # type: ignore[arg-type]
     finally:
         await receiver.close()
 

@@ -404,7 +404,8 @@ class Receiver:
         return list(self._sinks)
 
     def stats(self, user_id: int) -> UserStats:
-        """One user's counters (a snapshot)."""
+        """One user's counters (a snapshot; zeros for a user never heard)."""
+        check_snowflake("user_id", user_id)  # a str id (from a config file) read as zeros: nothing lost
         return self._core.stats(user_id)
 
     def all_stats(self) -> dict[int, UserStats]:
