@@ -215,8 +215,8 @@ def test_replayed_and_garbage_frames_do_not_disturb_the_stream(speech_frames: li
         pipeline.feed(rtp_header(index, index * 960, SSRC_A), frame, index * 0.02)
         seq = index
         if index % 5 == 4:
-            # A replay of a DAVE frame (same bytes, a new RTP sequence), plain garbage, a bare marker.
-            pipeline.feed(rtp_header(1000 + index, 0, SSRC_A), frame, index * 0.02)
+            # A replay of a DAVE frame (same bytes in a new packet and RTP sequence), garbage, a bare marker.
+            pipeline.feed(rtp_header(1000 + index, 0, SSRC_A), bytes(bytearray(frame)), index * 0.02)
             pipeline.feed(rtp_header(2000 + index, 0, SSRC_A), os.urandom(40), index * 0.02)
             pipeline.feed(rtp_header(3000 + index, 0, SSRC_A), b"\xfa\xfa", index * 0.02)
     out = pipeline.tick(100.0)

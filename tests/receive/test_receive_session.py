@@ -8,11 +8,13 @@ from pathlib import Path
 
 import av
 
+from cordvoice.audio.opus import OPUS_SILENCE
 from cordvoice.audio.receive_pipeline import SpeakingChange, VoiceFrame
 from cordvoice.audio.samples import speech_like
 from cordvoice.audio.sinks import record_to_directory
 from cordvoice.audio.sources import FramesSource
 from cordvoice.session import SessionState
+from cordvoice.udp.rtp import RtpHeader
 
 from .receive_helpers import aligned_correlation, encode_pcm, to_mono
 from .receive_world import bot_world
@@ -152,3 +154,29 @@ async def test_a_users_receive_hook_and_the_receiver_both_get_every_packet() -> 
                 session.set_receive_hook(lambda header, payload, arrival: hooked[1].append(header.sequence))
         session.set_receive_hook(None)
         assert session.receive_hook is None
+
+
+async def test_a_receive_hook_decrypts_the_dave_frames_session_receiver_decrypted_first() -> None:
+    """The hook's documented use, ``session.dave.decrypt(user_id, payload)``, runs after the receiver
+    decrypted the same frame: davey refused it as a replay, so every DAVE frame failed in the hook (and
+    counted as a DAVE failure) once anyone listened."""
+    frames = encode_pcm(speech_like(0.4, voice=3))
+    async with bot_world("hook-decrypt") as world:
+        speaker = await world.add_speaker("speaker")
+        await world.converge([speaker])
+        session = world.session
+        dave = session.dave
+        assert dave is not None
+        opened: list[bytes] = []
+
+        def hook(header: RtpHeader, payload: bytes, arrival: float) -> None:
+            opened.append(dave.decrypt(session.ssrc_users[header.ssrc], payload))
+
+        session.set_receive_hook(hook)
+        async with session.listen(speaker.user_id) as stream:
+            await speaker.play(frames)
+            await asyncio.sleep(0.3)
+            heard = [stream.get_nowait() for _ in range(len(stream))]
+        assert [f.opus for f in heard if f and not f.is_silence] == frames
+        assert [opus for opus in opened if opus != OPUS_SILENCE] == frames
+        assert not dave.stats.decrypt_failures

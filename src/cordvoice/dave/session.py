@@ -162,6 +162,7 @@ class DaveClient:
         "_channel_id",
         "_external_sender",
         "_key_pair",
+        "_last_opened",
         "_last_transition_id",
         "_pending_transitions",
         "_plain_peers_possible",
@@ -206,6 +207,9 @@ class DaveClient:
         self._stall_timeout = stall_timeout
         self._stalled_since: float | None = None
         self._last_transition_id = 0
+        self._last_opened: tuple[bytes, int, bytes] | None = None
+        """The last frame decrypted (the very object), its sender and its Opus: session.receiver and a
+        receive hook both decrypt each packet, and davey refuses the second decryption as a replay."""
         self.stats = DaveStats()
 
     # ----------------------------------------------------------------------------------------------
@@ -490,9 +494,14 @@ class DaveClient:
 
         Raises :class:`~cordvoice.errors.DaveKeyPendingError` (retryable: hold the frame and try again
         after the next :class:`EpochChanged`) or :class:`~cordvoice.errors.DaveDecryptError` (drop it).
+        The frame just decrypted, passed again (a receive hook after ``session.receiver``), gives its Opus.
         """
         if frame == OPUS_SILENCE:
             return frame
+        last = self._last_opened
+        if last is not None and last[0] is frame and last[1] == user_id:
+            # The same packet again (not a replay from the network, which is a new object): its Opus.
+            return last[2]
         session = self._session
         if not self._protocol_version:
             # Transport-only. A DAVE frame here comes from a peer that has not executed the downgrade yet;
@@ -518,6 +527,7 @@ class DaveClient:
                 raise self._decrypt_failure("no_key", retryable=True) from None
             raise self._decrypt_failure("failed", retryable=False) from None
         self.stats.decrypted += 1
+        self._last_opened = (frame, user_id, plain)
         return plain
 
     def _decrypt_after_downgrade(self, session: davey.DaveSession, user_id: int, frame: bytes) -> bytes:
@@ -527,6 +537,7 @@ class DaveClient:
         except ValueError:
             raise self._decrypt_failure("failed", retryable=False) from None
         self.stats.decrypted += 1
+        self._last_opened = (frame, user_id, plain)
         return plain
 
     def _decrypt_failure(self, reason: str, *, retryable: bool) -> DaveDecryptError:
