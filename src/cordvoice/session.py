@@ -301,7 +301,9 @@ class Session:
         )
         self._lane.set_provider(self._queue)
         self._receive_hook: ReceiveHook | None = None
-        self._receiver_feed: ReceiveHook | None = None  # session.receiver's, beside the user's hook
+        self._receiver_feeds: list[ReceiveHook] = []
+        """Every receiver made with :meth:`Receiver.for_session` (``session.receiver`` and any made with other
+        options), each fed beside the user's hook."""
         self._ssrc_users: dict[int, int] = {}
         self._speaking_task: asyncio.Task[None] | None = None
         self._speaking_unsent = False
@@ -676,26 +678,32 @@ class Session:
         self._receive_hook = hook
         self._route_received()
 
-    def _feed_receiver(self, feed: ReceiveHook | None) -> None:
-        """Hand received packets to ``session.receiver`` too (:meth:`Receiver.for_session` calls this)."""
-        self._receiver_feed = feed
+    def _add_receiver_feed(self, feed: ReceiveHook) -> None:
+        """Hand received packets to a receiver too (:meth:`Receiver.for_session` calls this)."""
+        self._receiver_feeds.append(feed)
         self._route_received()
+
+    def _remove_receiver_feed(self, feed: ReceiveHook) -> None:
+        """Stop feeding a receiver (it closed); the others and the user's hook keep theirs."""
+        if feed in self._receiver_feeds:
+            self._receiver_feeds.remove(feed)
+            self._route_received()
 
     def _route_received(self) -> None:
         if self._udp is not None:
             self._udp.receive_hook = self._packet_hook()
 
     def _packet_hook(self) -> ReceiveHook | None:
-        """The one callable the UDP layer calls per packet: the receiver's, the user's, or both in turn."""
-        feed, user = self._receiver_feed, self._receive_hook
-        if feed is None or user is None:
-            return feed or user
+        """The one callable the UDP layer calls per packet: the receivers', then the user's, in turn."""
+        hooks = [*self._receiver_feeds, *([self._receive_hook] if self._receive_hook is not None else [])]
+        if len(hooks) <= 1:
+            return hooks[0] if hooks else None
 
-        def both(header: RtpHeader, payload: bytes, arrival: float) -> None:
-            feed(header, payload, arrival)
-            user(header, payload, arrival)
+        def each(header: RtpHeader, payload: bytes, arrival: float) -> None:
+            for hook in hooks:
+                hook(header, payload, arrival)
 
-        return both
+        return each
 
     # ==== lifecycle =======================================================================================
 

@@ -10,6 +10,7 @@ import av
 
 from cordvoice.audio.opus import OPUS_SILENCE
 from cordvoice.audio.receive_pipeline import SpeakingChange, VoiceFrame
+from cordvoice.audio.receiver import FrameStream, Receiver
 from cordvoice.audio.samples import speech_like
 from cordvoice.audio.sinks import record_to_directory
 from cordvoice.audio.sources import FramesSource
@@ -49,7 +50,7 @@ async def test_session_listen_hears_a_participant_and_ends_with_the_session() ->
     assert ("gateway", True) in [(c.source, c.speaking) for c in changes]
     assert ("audio", True) in [(c.source, c.speaking) for c in changes]
     assert receiver.stats(speaker.user_id).undecryptable == 0
-    assert session._receiver_feed is None  # the closed receiver unhooked itself
+    assert session._receiver_feeds == []  # the closed receiver unhooked itself
 
 
 async def test_frames_the_bot_encrypts_before_a_transition_executes_are_counted() -> None:
@@ -180,3 +181,32 @@ async def test_a_receive_hook_decrypts_the_dave_frames_session_receiver_decrypte
         assert [f.opus for f in heard if f and not f.is_silence] == frames
         assert [opus for opus in opened if opus != OPUS_SILENCE] == frames
         assert not dave.stats.decrypt_failures
+
+
+async def test_a_receiver_with_its_own_options_and_session_receiver_both_hear_everything() -> None:
+    """``Receiver.for_session(session, jitter_delay=...)`` is the way to a session receiver with other
+    options; it took the session's one feed slot, so whichever of it and ``session.receiver`` came second
+    silenced the other's streams and recordings, uncounted."""
+    frames = encode_pcm(speech_like(0.4, voice=3))
+
+    def heard(stream: FrameStream) -> list[bytes | None]:
+        got = [stream.get_nowait() for _ in range(len(stream))]
+        return [f.opus for f in got if f and not f.is_silence]
+
+    async with bot_world("two-receivers") as world:
+        speaker = await world.add_speaker("speaker")
+        await world.converge([speaker])
+        session = world.session
+        default = session.listen(speaker.user_id)
+        quick = Receiver.for_session(session, jitter_delay=0.02)
+        fast = quick.listen(speaker.user_id)
+        await speaker.play(frames)
+        await asyncio.sleep(0.3)
+        assert heard(default) == frames
+        assert heard(fast) == frames
+        await quick.close()  # unhooks itself only
+        await speaker.play(frames)
+        await asyncio.sleep(0.3)
+        assert heard(default) == frames
+        assert session.receiver.stats(speaker.user_id).undecryptable == 0
+        default.close()

@@ -254,7 +254,8 @@ class Receiver:
     def for_session(cls, session: Session, **options: Any) -> Receiver:
         """A receiver fed by ``session``: its UDP receive hook, op 5/11/13 and DAVE epoch events.
 
-        It closes itself when the session ends. ``session.listen()`` and ``session.receiver`` use this.
+        It closes itself when the session ends. ``session.listen()`` and ``session.receiver`` use this; one
+        made here with other options (``jitter_delay=0.02``, say) gets every packet beside that one.
         """
 
         def decrypt(user_id: int, frame: bytes) -> bytes:
@@ -283,13 +284,8 @@ class Receiver:
             session.on(MovedEvent, moved),
             session.on(DisconnectedEvent, closed),
         ]
-        session._feed_receiver(receiver.feed)
-
-        def unhook() -> None:
-            if session._receiver_feed == receiver.feed:
-                session._feed_receiver(None)
-
-        receiver._detachers.append(unhook)
+        session._add_receiver_feed(receiver.feed)
+        receiver._detachers.append(functools.partial(session._remove_receiver_feed, receiver.feed))
         return receiver
 
     # ---------------------------------------------------------------------------------------------
