@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 
@@ -429,11 +430,30 @@ def test_other_payload_types_and_bad_opus_are_dropped_and_counted(speech_frames:
     assert pipeline.stats(USER_A).dropped == 1
 
 
-def test_invalid_options_are_refused() -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"jitter_delay": -1},
+        {"key_hold_max": 0},
+        {"activity_hangover": math.nan},  # no audio speaking ever stopped: no end of utterance
+        {"key_hold": math.nan},
+        {"unknown_hold": math.inf},
+        {"timeline_tolerance": math.nan},
+        {"timeline_tolerance": "0.1"},
+        {"jitter_delay": "0.02"},
+        {"key_hold": "1"},
+        {"jitter_max_packets": 4.5},  # the buffer's first overflow raised TypeError on the packet path
+        {"max_conceal": None},
+        {"activity_start_frames": 1.5},
+        {"unknown_per_ssrc": True},
+    ],
+)
+def test_invalid_options_are_refused(options: dict[str, object]) -> None:
+    """Receiver(**options) and Receiver.for_session pass these on: a NaN hangover never ended anyone's
+    speaking, and a str or float where a number or count belongs failed later inside the tick or raised
+    TypeError here."""
     with pytest.raises(InvalidArgumentError):
-        ReceivePipeline(None, jitter_delay=-1)
-    with pytest.raises(InvalidArgumentError):
-        ReceivePipeline(None, key_hold_max=0)
+        ReceivePipeline(None, **options)  # type: ignore[arg-type]
 
 
 def test_decrypt_errors_outside_dave_are_contained(speech_frames: list[bytes]) -> None:

@@ -32,6 +32,7 @@ GIL), so a receiver that only wants Opus never pays for a decoder.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -97,6 +98,16 @@ _AUDIO: Final = FrameKind.AUDIO
 _GAP: Final = FrameKind.GAP
 _new_tuple: Final = tuple.__new__
 """Builds a NamedTuple from a full tuple of its fields, skipping its Python-level ``__new__`` (hot paths)."""
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+        raise InvalidArgumentError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
 class VoiceFrame(NamedTuple):
@@ -307,10 +318,20 @@ class ReceivePipeline:
         activity_hangover: float = 0.3,
         timeline_tolerance: float | None = None,
     ) -> None:
-        if key_hold < 0 or unknown_hold < 0 or activity_hangover < 0:
-            raise InvalidArgumentError("hold times and the hangover must be >= 0")
-        if min(key_hold_max, unknown_per_ssrc, unknown_max_ssrcs, activity_start_frames) < 1:
-            raise InvalidArgumentError("hold sizes and activity_start_frames must be at least 1")
+        # Receiver(**options) lands here: a NaN hangover never ended anyone's speaking, and a str or a float
+        # count failed later, inside a tick or on the packet path.
+        times: dict[str, float | None] = {"jitter_delay": jitter_delay, "key_hold": key_hold}
+        times["unknown_hold"] = unknown_hold
+        times |= {"activity_hangover": activity_hangover, "timeline_tolerance": timeline_tolerance}
+        for name, value in times.items():
+            if value is not None or name != "timeline_tolerance":
+                _check_seconds(name, value)
+        counts = {"jitter_max_packets": jitter_max_packets, "key_hold_max": key_hold_max}
+        counts |= {"unknown_per_ssrc": unknown_per_ssrc, "unknown_max_ssrcs": unknown_max_ssrcs}
+        counts |= {"activity_start_frames": activity_start_frames}
+        for name, value in counts.items():
+            _check_count(name, value, 1)
+        _check_count("max_conceal", max_conceal, 0)
         # Build one jitter buffer now so a bad delay or size fails here, not on the first packet.
         JitterBuffer(delay=jitter_delay, max_packets=jitter_max_packets, max_conceal=max_conceal)
         self._decrypt = decrypt
