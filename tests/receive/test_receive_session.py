@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import av
+import pytest
 
 from cordvoice.audio.opus import OPUS_SILENCE
 from cordvoice.audio.receive_pipeline import SpeakingChange, VoiceFrame
@@ -14,6 +15,7 @@ from cordvoice.audio.receiver import FrameStream, Receiver
 from cordvoice.audio.samples import speech_like
 from cordvoice.audio.sinks import record_to_directory
 from cordvoice.audio.sources import FramesSource
+from cordvoice.errors import VoiceError
 from cordvoice.session import SessionState
 from cordvoice.udp.rtp import RtpHeader
 
@@ -210,3 +212,14 @@ async def test_a_receiver_with_its_own_options_and_session_receiver_both_hear_ev
         assert heard(default) == frames
         assert session.receiver.stats(speaker.user_id).undecryptable == 0
         default.close()
+
+
+async def test_a_receiver_made_for_an_ended_session_is_refused_instead_of_never_ending() -> None:
+    """No DisconnectedEvent comes again for an ended session: the receiver never closed and iterating its
+    streams waited forever."""
+    async with bot_world("ended") as world:
+        session = world.session
+        await world.voice.leave(world.guild_id)
+        await session.wait_closed()
+        with pytest.raises(VoiceError):
+            Receiver.for_session(session)

@@ -256,7 +256,10 @@ class Receiver:
 
         It closes itself when the session ends. ``session.listen()`` and ``session.receiver`` use this; one
         made here with other options (``jitter_delay=0.02``, say) gets every packet beside that one.
+        An ended session raises its error: no DisconnectedEvent would ever close the receiver.
         """
+        session._check_loop()
+        session._check_open()
 
         def decrypt(user_id: int, frame: bytes) -> bytes:
             dave = session.dave
