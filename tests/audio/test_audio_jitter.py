@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -376,11 +377,25 @@ def test_reset_keeps_the_timeline_monotonic_and_counts_dropped_packets() -> None
     assert gap.kind is FrameKind.GAP and frame.playout_time >= first[-1].playout_time + FRAME
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"delay": -1},
+        {"delay": math.nan},
+        {"delay": "0.06"},  # TypeError from the range check
+        {"max_packets": 0},
+        {"max_packets": 4.5},  # accepted, then TypeError on the packet path at the first overflow
+        {"max_conceal": 1.5},
+        {"max_conceal": None},
+        {"frame_samples": 960.0},
+    ],
+)
+def test_options_are_checked(options: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        JitterBuffer(**options)  # type: ignore[arg-type]
+
+
 def test_argument_checks() -> None:
-    with pytest.raises(InvalidArgumentError):
-        JitterBuffer(delay=-1)
-    with pytest.raises(InvalidArgumentError):
-        JitterBuffer(max_packets=0)
     with pytest.raises(InvalidArgumentError):
         JitterBuffer().push(1, 1, 0.0, b"x", samples=0)
 

@@ -59,6 +59,10 @@ _RECENT: Final = 128
 behind the playout point that was played is still remembered (a slot is only overwritten 128 packets on)."""
 
 
+def _is_count(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 class FrameKind(enum.Enum):
     AUDIO = "audio"
     LOST = "lost"
@@ -176,14 +180,15 @@ class JitterBuffer:
         frame_samples: int = FRAME_SAMPLES,
         clock_rate: int = SAMPLE_RATE,
     ) -> None:
-        if not 0.0 <= delay <= 10.0 or math.isnan(delay):
-            raise InvalidArgumentError("delay must be between 0 and 10 seconds")
-        if max_packets < 1:
-            raise InvalidArgumentError("max_packets must be at least 1")
-        if max_conceal < 0:
-            raise InvalidArgumentError("max_conceal must be >= 0")
-        if frame_samples <= 0 or clock_rate <= 0:
-            raise InvalidArgumentError("frame_samples and clock_rate must be positive")
+        # Types too: a str raised TypeError here, and a float count got through to fail on the packet path.
+        if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0.0 <= delay <= 10.0:
+            raise InvalidArgumentError(f"delay must be between 0 and 10 seconds, got {delay!r}")
+        if not _is_count(max_packets, 1):
+            raise InvalidArgumentError(f"max_packets must be an integer of at least 1, got {max_packets!r}")
+        if not _is_count(max_conceal, 0):
+            raise InvalidArgumentError(f"max_conceal must be an integer >= 0, got {max_conceal!r}")
+        if not (_is_count(frame_samples, 1) and _is_count(clock_rate, 1)):
+            raise InvalidArgumentError("frame_samples and clock_rate must be positive integers")
         self.delay = delay
         self.max_packets = max_packets
         self.max_conceal = max_conceal
