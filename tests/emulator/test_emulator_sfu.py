@@ -16,7 +16,7 @@ from cordvoice.emulator import Emulator, MediaEndpoint, Participant
 from cordvoice.emulator.inspection import RtpStats
 from cordvoice.errors import EmulatorError, InvalidArgumentError
 from cordvoice.udp import discovery
-from cordvoice.udp.crypto import MODE_AES256_GCM, make_cipher
+from cordvoice.udp.crypto import MODE_AES256_GCM, TransportCipher, make_cipher
 from cordvoice.udp.rtp import build_header
 from cordvoice.voicegateway.messages import SessionDescription
 
@@ -283,15 +283,21 @@ async def test_timer_reads_forward_everything_and_refuse_bad_intervals(world: Vo
     assert media.counters["short"] >= 2
 
 
+async def speaking_pair(world: VoiceWorld) -> tuple[Participant, Participant, MediaEndpoint, TransportCipher]:
+    """Alice and Bob staged, Alice's SSRC bound by op 5: datagrams sealed with her cipher count as hers."""
+    alice, bob = await stage_pair(world)
+    endpoint = world.emu.voice_server().media_endpoint(alice.user_id)
+    cipher = endpoint.cipher
+    assert cipher is not None
+    await alice.play(opaque_frames(3, 0), silence=False)
+    await eventually(lambda: endpoint.speaking_bound)
+    return alice, bob, endpoint, cipher
+
+
 async def test_a_reused_transport_nonce_is_dropped_and_counted(world: VoiceWorld) -> None:
     """protocol.md §5.2: a nonce is never reused with one key (a counter reset on resume would do it)."""
     emu = world.emu
-    alice, bob = await stage_pair(world)
-    endpoint = emu.voice_server().media_endpoint(alice.user_id)
-    cipher = endpoint.cipher
-    assert cipher is not None
-    await alice.play(opaque_frames(3, 0), silence=False)  # op 5 binds the SSRC
-    await eventually(lambda: endpoint.speaking_bound)
+    alice, bob, endpoint, cipher = await speaking_pair(world)
     frames = opaque_frames(4, 5)
     # (sequence, nonce): nonce 7 comes twice with other plaintext, 5 arrives late (reordered, never used).
     for index, (sequence, nonce) in enumerate([(0, 6), (1, 7), (2, 7), (3, 8), (4, 5)]):
@@ -309,13 +315,7 @@ async def test_a_reused_transport_nonce_is_dropped_and_counted(world: VoiceWorld
 
 async def test_a_participant_does_not_take_rtp_of_another_payload_type_as_audio(world: VoiceWorld) -> None:
     """protocol.md §4.5: receivers keep payload type 120 (Opus); a sender using 111 is heard by no one."""
-    emu = world.emu
-    alice, bob = await stage_pair(world)
-    endpoint = emu.voice_server().media_endpoint(alice.user_id)
-    cipher = endpoint.cipher
-    assert cipher is not None
-    await alice.play(opaque_frames(3, 0), silence=False)  # op 5 binds the SSRC
-    await eventually(lambda: endpoint.speaking_bound)
+    alice, bob, _, cipher = await speaking_pair(world)
     frames = opaque_frames(5, 2)
     wrong_type = struct.pack("!BBHII", 0x80, 111, 0, 0, alice.ssrc)
     alice.send_datagram(cipher.seal(wrong_type, frames[0], 0))
