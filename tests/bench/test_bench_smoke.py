@@ -168,8 +168,9 @@ def test_bench_refuses_impossible_numbers(
 
 
 def test_bench_join_needs_a_channel_size_and_profiles_a_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("cordvoice.bench.profile._py_spy", lambda: "/usr/bin/py-spy")  # installed or not
     assert cli.main(["bench", "join", "--members", ",", "--runs", "1"]) == 1
     assert "--members" in capsys.readouterr().err
     in_the_way = tmp_path / "profiles"
